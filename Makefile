@@ -1,0 +1,44 @@
+# The two commands: `make run` and `make test`.
+PYTHON  ?= /usr/bin/python3
+SHARED  := .venv/shared
+BUNDLED := .venv/bundled
+PYTEST_ARGS ?=
+PIP_FLAGS := -q --disable-pip-version-check --config-settings editable_mode=compat
+
+.PHONY: run test test-shared test-bundled bench bench-quick deps clean
+
+deps: $(SHARED)/.ready $(BUNDLED)/.ready
+
+# Shared-OpenSSL runtime: Debian's pyOpenSSL/cryptography on the system libssl.
+$(SHARED)/.ready: pyproject.toml constraints-shared.txt scripts/install-system-deps.sh
+	scripts/install-system-deps.sh
+	$(PYTHON) -m venv --system-site-packages $(SHARED)
+	$(SHARED)/bin/pip install $(PIP_FLAGS) -c constraints-shared.txt -e '.[test]'
+	touch $@
+
+# Bundled-OpenSSL runtime: plain PyPI wheels, as `pip install` gives anyone.
+$(BUNDLED)/.ready: pyproject.toml scripts/install-system-deps.sh
+	scripts/install-system-deps.sh
+	$(PYTHON) -m venv $(BUNDLED)
+	$(BUNDLED)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+run: $(SHARED)/.ready
+	@scripts/run-demo.sh $(SHARED)
+
+test: test-shared test-bundled
+
+test-shared: $(SHARED)/.ready
+	SESSCACHE_EXPECT_RUNTIME=shared-openssl $(SHARED)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-bundled: $(BUNDLED)/.ready
+	SESSCACHE_EXPECT_RUNTIME=bundled-openssl $(BUNDLED)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(SHARED)/.ready
+	$(SHARED)/bin/python -m twisted_sesscache.bench
+
+bench-quick: $(SHARED)/.ready
+	$(SHARED)/bin/python -m twisted_sesscache.bench --quick
+
+clean:
+	rm -rf .venv build *.egg-info

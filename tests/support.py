@@ -1,0 +1,159 @@
+"""Test harness: the reactor on a thread, TLS servers in it, outside peers beside it.
+
+Tests stay synchronous: they ask the reactor thread to start listeners or
+run Twisted clients (``ReactorThread.call``), and run ``openssl`` peers as
+subprocesses from the test thread. Every listener and process a test starts
+is stopped by the same test (fixtures or ``try/finally``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet import protocol, reactor
+from twisted.internet.threads import blockingCallFromThread
+
+from twisted_sesscache.certs import generate_self_signed
+
+T = TypeVar("T")
+OPENSSL = shutil.which("openssl") or "openssl"
+PEER_TIMEOUT = 15
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    certificate: Path
+    private_key: Path
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    cert, key = generate_self_signed(directory)
+    return TLSFiles(cert, key)
+
+
+class ReactorThread:
+    """Runs the global reactor on a daemon thread for the whole test session."""
+
+    def __init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reactor", daemon=True)
+
+    def _run(self) -> None:
+        reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not reactor.running and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+        self._thread.join(10)
+
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``function`` on the reactor thread; wait for its result (or Deferred's)."""
+        return blockingCallFromThread(reactor, function, *args, **kwargs)
+
+
+class InfoProtocol(protocol.Protocol):
+    """Answers any request with one JSON line about its own TLS connection, then closes cleanly."""
+
+    def dataReceived(self, data: bytes) -> None:
+        handle = self.transport.getHandle()
+        body = json.dumps(
+            {
+                "resumed": bool(handle.resumed) if hasattr(handle, "resumed") else None,
+                "protocol": handle.get_protocol_version_name(),
+            }
+        ).encode()
+        self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body + b"\n")
+        self.transport.loseConnection()
+
+
+@contextmanager
+def tls_server(rt: ReactorThread, creator: Any, factory: protocol.Factory | None = None) -> Iterator[int]:
+    """Listen on 127.0.0.1 with ``creator``; yield the port; stop listening afterwards."""
+    factory = factory or protocol.Factory.forProtocol(InfoProtocol)
+    port = rt.call(reactor.listenSSL, 0, factory, creator, interface="127.0.0.1")
+    try:
+        yield port.getHost().port
+    finally:
+        rt.call(port.stopListening)
+
+
+def s_client(
+    port: int,
+    *,
+    tls: str = "1.2",
+    sess_in: Path | None = None,
+    sess_out: Path | None = None,
+    servername: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> str:
+    """One ``openssl s_client`` request; returns ``"New"`` or ``"Reused"``.
+
+    ``-ign_eof`` and a request that gets an answer make sure a TLS 1.3 ticket
+    has arrived before ``-sess_out`` writes the session (design.md, fact 5).
+    """
+    command = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", f"-tls{tls.replace('.', '_')}", "-ign_eof"]
+    if sess_in is not None:
+        command += ["-sess_in", str(sess_in)]
+    if sess_out is not None:
+        command += ["-sess_out", str(sess_out)]
+    if servername is not None:
+        command += ["-servername", servername]
+    command += list(extra)
+    done = subprocess.run(
+        command,
+        input=b"GET / HTTP/1.0\r\n\r\n",
+        capture_output=True,
+        timeout=PEER_TIMEOUT,
+        check=False,
+    )
+    match = re.search(rb"^(New|Reused), ", done.stdout, re.MULTILINE)
+    if not match:
+        raise AssertionError(f"s_client got no handshake: {done.stdout[-800:]!r} {done.stderr[-800:]!r}")
+    return match.group(1).decode()
+
+
+def resume_series(port: int, tmp: Path, count: int, tls: str = "1.2", **kwargs: Any) -> list[str]:
+    """``count`` s_client connections, each offering the session the previous one saved."""
+    session = tmp / f"session-{port}-{tls}.pem"
+    session.unlink(missing_ok=True)
+    results = []
+    for _ in range(count):
+        results.append(
+            s_client(port, tls=tls, sess_in=session if session.exists() else None, sess_out=session, **kwargs)
+        )
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+

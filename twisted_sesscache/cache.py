@@ -1,0 +1,245 @@
+"""SessionCache: one set of session-cache settings applied to every context it manages."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from twisted_sesscache.connection import WatchedConnection
+from twisted_sesscache.modes import CacheMode
+from twisted_sesscache.runtime import COUNTERS, RUNTIME, NeedsSharedOpenSSL, OpenSSLAccess
+
+DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT
+DEFAULT_TIMEOUT = 300
+SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
+
+if TYPE_CHECKING:
+    from twisted_sesscache.client import ClientSessionCache
+
+# Counters that can be observed from handshakes when OpenSSL's own are out of reach.
+OBSERVED = ("accept", "accept_good", "hits", "misses")
+
+
+class SessionCache:
+    """Owns the session-cache configuration of a group of ``SSL.Context`` objects.
+
+    Settings apply to every attached context, statistics sum over them, and a
+    flush covers them all, mirroring OpenSSL's per-``SSL_CTX`` cache API for an
+    application that may serve several certificates.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        mode: CacheMode | str = CacheMode.SERVER,
+        *,
+        size: int | None = None,
+        timeout: int = DEFAULT_TIMEOUT,
+        flush_interval: float = 0,
+        session_id_context: bytes | str | None = None,
+        tickets: bool = False,
+        keep_sessions_on_truncation: bool = True,
+        runtime: OpenSSLAccess = RUNTIME,
+    ) -> None:
+        mode = CacheMode.parse(mode) if isinstance(mode, str) else CacheMode(mode)
+        if size is not None and size < 0:
+            raise ValueError(f"session cache size must be 0 (no limit) or more, not {size}")
+        if timeout <= 0:
+            raise ValueError(f"session timeout must be a positive number of seconds, not {timeout}")
+        if flush_interval < 0:
+            raise ValueError(f"flush interval must be 0 (OpenSSL's automatic flush) or more, not {flush_interval}")
+        if isinstance(session_id_context, str):
+            session_id_context = session_id_context.encode("utf-8")
+        if session_id_context is not None and not 0 < len(session_id_context) <= SESSION_ID_CONTEXT_MAX:
+            raise ValueError(f"session-ID context must be 1 to {SESSION_ID_CONTEXT_MAX} bytes long")
+        if not runtime.shared:
+            if size is not None:
+                raise NeedsSharedOpenSSL("A session cache size limit")
+            if flush_interval:
+                raise NeedsSharedOpenSSL("A scheduled flush of expired sessions")
+        if flush_interval:
+            # The reactor flushes; OpenSSL's flush every 255 sessions would stall it unplanned.
+            mode |= CacheMode.NO_AUTO_CLEAR
+        self.mode = mode
+        self.size = size
+        self.timeout = timeout
+        self.flush_interval = flush_interval
+        self.session_id_context = session_id_context
+        self.tickets = tickets
+        self.keep_sessions_on_truncation = keep_sessions_on_truncation
+        self.runtime = runtime
+        self.contexts: list[SSL.Context] = []
+        self._attached: set[int] = set()
+        self._observed = dict.fromkeys(OBSERVED, 0)
+        self._flushes = 0
+        self._flushed = 0
+        self._loop: LoopingCall | None = None
+        self._client: ClientSessionCache | None = None
+
+    # -- contexts ----------------------------------------------------------
+
+    def attach(self, context: SSL.Context, session_id_context: bytes | None = None) -> SSL.Context:
+        """Apply this cache's settings to ``context`` (once) and manage it from now on.
+
+        ``session_id_context`` is used when the cache has none of its own.
+        """
+        if id(context) in self._attached:
+            return context
+        context.set_session_cache_mode(int(self.mode))
+        context.set_timeout(self.timeout)
+        sid_context = self.session_id_context or session_id_context
+        if sid_context:
+            context.set_session_id(sid_context)
+        self.runtime.allow_tickets(context, self.tickets)
+        if self.size is not None:
+            self.runtime.set_cache_size(context, self.size)
+        self.contexts.append(context)
+        self._attached.add(id(context))
+        return context
+
+    def server_context_factory(self, options: Any) -> Any:
+        """Wrap a ``CertificateOptions`` (or any server connection creator) to use this cache."""
+        from twisted_sesscache.server import SessionServerCreator
+
+        return SessionServerCreator(self, options)
+
+    @property
+    def client(self) -> ClientSessionCache:
+        """The client side: sessions this process offers when it connects out."""
+        if self._client is None:
+            from twisted_sesscache.client import ClientSessionCache
+
+            self._client = ClientSessionCache(self)
+        return self._client
+
+    def client_creator(self, hostname: str, **kwargs: Any) -> Any:
+        """An ``IOpenSSLClientConnectionCreator`` for ``hostname`` that resumes sessions."""
+        return self.client.creator(hostname, **kwargs)
+
+    def https_policy(self, **kwargs: Any) -> Any:
+        """An ``IPolicyForHTTPS`` for ``Agent``/treq whose connections resume sessions."""
+        return self.client.https_policy(**kwargs)
+
+    def watch(self, connection: SSL.Connection) -> WatchedConnection:
+        """Attach the connection's context and observe its handshake."""
+        self.attach(connection.get_context())
+        return WatchedConnection(
+            connection,
+            self,
+            keep_session_on_eof=self.keep_sessions_on_truncation,
+            runtime=self.runtime,
+        )
+
+    # -- handshake observer ------------------------------------------------
+
+    def handshake_started(self, connection: WatchedConnection) -> None:
+        self._observed["accept"] += 1
+
+    def handshake_done(self, connection: WatchedConnection) -> None:
+        self._observed["accept_good"] += 1
+        if connection.resumed:
+            self._observed["hits"] += 1
+        elif getattr(connection, "offered_session", False):
+            self._observed["misses"] += 1
+
+    def after_read(self, connection: WatchedConnection) -> None:
+        pass
+
+    # -- OpenSSL's session-cache operations ----------------------------------
+
+    def flush(self, now: float | None = None) -> int:
+        """SSL_CTX_flush_sessions(3) on every context; returns the sessions removed."""
+        moment = int(time.time() if now is None else now)
+        removed = 0
+        for context in self.contexts:
+            before = self.runtime.counters(context)["number"]
+            self.runtime.flush(context, moment)
+            removed += before - self.runtime.counters(context)["number"]
+        self._flushes += 1
+        self._flushed += removed
+        if removed:
+            self.log.info("Flushed {removed} expired TLS sessions", removed=removed)
+        return removed
+
+    def add(self, session: SSL.Session, context: SSL.Context | None = None) -> bool:
+        """SSL_CTX_add_session(3): false when this very session object is already cached.
+
+        A different object with the same session ID replaces the cached one.
+        Without ``context``, the session goes to every managed context.
+        """
+        return self._each_context("add_session", session, context)
+
+    def remove(self, session: SSL.Session, context: SSL.Context | None = None) -> bool:
+        """SSL_CTX_remove_session(3): false when the session was not cached."""
+        return self._each_context("remove_session", session, context)
+
+    def _each_context(self, operation: str, session: SSL.Session, context: SSL.Context | None) -> bool:
+        targets = [context] if context is not None else self.contexts
+        if not targets:
+            raise ValueError("no context is attached to this cache yet")
+        call = getattr(self.runtime, operation)
+        results = [call(target, session) for target in targets]
+        return any(results)
+
+    # -- statistics ------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """OpenSSL's SSL_CTX_sess_* counters summed over the contexts, plus flush counts.
+
+        Under the bundled runtime, only what handshakes show is counted; the
+        rest is ``None`` rather than a made-up zero.
+        """
+        summary: dict[str, Any] = {
+            "runtime": self.runtime.name,
+            "mode": self.mode.spelled(),
+            "size_limit": DEFAULT_SIZE if self.size is None else self.size,
+            "timeout": self.timeout,
+            "contexts": len(self.contexts),
+        }
+        if self.runtime.shared:
+            totals = dict.fromkeys(COUNTERS, 0)
+            for context in self.contexts:
+                for name, value in self.runtime.counters(context).items():
+                    totals[name] += value
+            summary.update(totals)
+        else:
+            summary.update(dict.fromkeys(COUNTERS))
+            summary.update(self._observed)
+        summary["flushes"] = self._flushes
+        summary["flushed"] = self._flushed
+        if self._client is not None:
+            summary["client"] = self._client.stats()
+        return summary
+
+    # -- scheduling ------------------------------------------------------------
+
+    def start(self, clock: IReactorTime | None = None) -> None:
+        """Flush expired sessions every ``flush_interval`` seconds on the reactor."""
+        if not self.flush_interval or self._loop is not None:
+            return
+        self._loop = LoopingCall(self._scheduled_flush)
+        if clock is not None:
+            self._loop.clock = clock
+        self._loop.start(self.flush_interval, now=False)
+
+    def _scheduled_flush(self) -> None:
+        """One tick of the flush loop: a failure is logged, and the loop goes on."""
+        now = self._loop.clock.seconds() if self._loop is not None else time.time()
+        try:
+            if self.contexts and self.runtime.shared:
+                self.flush(now)
+            if self._client is not None:
+                self._client.flush(now)
+        except Exception:
+            self.log.failure("Scheduled session flush failed")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None

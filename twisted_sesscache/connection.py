@@ -1,0 +1,108 @@
+"""The pyOpenSSL connection Twisted drives, with the hooks session caching needs.
+
+Twisted's ``TLSMemoryBIOProtocol`` talks to an ``OpenSSL.SSL.Connection``
+through a handful of calls (``bio_write``, ``do_handshake``, ``recv``,
+``bio_shutdown``...). Standing between the two, a thin wrapper sees the
+ClientHello before OpenSSL does, learns when a handshake ends and whether it
+resumed, and keeps a session alive when the peer closes TCP without
+``close_notify`` while still reporting that close to the application as
+unclean. Everything else is passed through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from OpenSSL import SSL
+
+from twisted_sesscache.runtime import RUNTIME, OpenSSLAccess
+
+# What OpenSSL says when a peer closes without close_notify; Twisted turns an
+# error with this reason into ConnectionLost (tls._representsEOF).
+_UNEXPECTED_EOF = [("SSL routines", "", "unexpected eof while reading")]
+
+
+class HandshakeObserver(Protocol):
+    """Told about the handshakes of the connections it watches."""
+
+    def handshake_started(self, connection: WatchedConnection) -> None: ...
+
+    def handshake_done(self, connection: WatchedConnection) -> None: ...
+
+    def after_read(self, connection: WatchedConnection) -> None:
+        """A read after the handshake: TLS 1.3 tickets arrive this way."""
+
+
+class WatchedConnection:
+    """An ``SSL.Connection`` stand-in that reports its handshake to an observer."""
+
+    def __init__(
+        self,
+        connection: SSL.Connection,
+        observer: HandshakeObserver,
+        *,
+        keep_session_on_eof: bool = True,
+        runtime: OpenSSLAccess = RUNTIME,
+    ) -> None:
+        self.connection = connection
+        self.handshake_complete = False
+        self.truncated = False
+        self._observer = observer
+        self._keep_session_on_eof = keep_session_on_eof
+        self._runtime = runtime
+        self._started = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Bound methods are cached on the instance so that the calls Twisted
+        # makes per record cost one attribute lookup, as on a plain Connection.
+        value = getattr(self.connection, name)
+        if callable(value):
+            self.__dict__[name] = value
+        return value
+
+    def __repr__(self) -> str:
+        return f"<WatchedConnection {self.connection!r}>"
+
+    def do_handshake(self) -> None:
+        if not self._started:
+            self._started = True
+            self._observer.handshake_started(self)
+        self.connection.do_handshake()
+        if not self.handshake_complete:
+            self.handshake_complete = True
+            self._observer.handshake_done(self)
+
+    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
+        try:
+            data: bytes = self.connection.recv(bufsiz, flags)
+        except SSL.ZeroReturnError:
+            if self.truncated:
+                raise SSL.Error(_UNEXPECTED_EOF) from None
+            raise
+        finally:
+            if self.handshake_complete:
+                self._observer.after_read(self)
+        return data
+
+    def bio_shutdown(self) -> None:
+        """The TCP connection is gone: keep the session if the peer only skipped close_notify.
+
+        OpenSSL 3 treats a missing close_notify as a fatal error, and a fatal
+        error evicts the session. Since TLS 1.1 a truncated close need not
+        invalidate the session (RFC 5246, 7.2.1), so for a connection whose
+        handshake completed, OpenSSL is told to see the EOF as a close, and
+        :meth:`recv` turns that close back into the error Twisted reports as
+        ``ConnectionLost``.
+        """
+        if (
+            self._keep_session_on_eof
+            and self.handshake_complete
+            and not self.connection.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+        ):
+            self._runtime.ignore_unexpected_eof(self.connection)
+            self.truncated = True
+        self.connection.bio_shutdown()
+
+    @property
+    def resumed(self) -> bool:
+        return self._runtime.session_reused(self.connection)
