@@ -1,0 +1,349 @@
+"""Just enough TLS to read what a session cache needs from a ClientHello.
+
+A server-side session cache has to know which session a client wants to
+resume *before* OpenSSL processes the hello (so the session can be fetched
+from shared storage in time), which means peeking at the raw TCP bytes.
+Only the resumption-relevant fields are extracted; everything else is skipped,
+but every length is still checked so that a malformed or hostile hello is
+rejected instead of misread.
+
+The parser is incremental in the simplest way: the caller accumulates the
+bytes received so far and calls :func:`parse_client_hello` again; ``None``
+means "well-formed so far, send more". The answer for a prefix never
+contradicts the answer for a longer stream: once a stream is rejected it stays
+rejected, and once a hello is complete the bytes after it do not matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MAX_HELLO_BYTES", "ClientHello", "ClientHelloError", "parse_client_hello"]
+
+#: The hello must be complete within this many bytes of the stream, so that a
+#: client can never make the server buffer more than this while it waits.
+MAX_HELLO_BYTES: int = 64 * 1024
+
+_HANDSHAKE = 22  # record content type
+_CLIENT_HELLO = 1  # handshake message type
+_RECORD_HEADER = 5
+_MAX_RECORD_PAYLOAD = 2**14 + 2048  # TLSCiphertext bound; a lenient upper limit
+_MAX_SESSION_ID = 32
+
+_EXT_SERVER_NAME = 0
+_EXT_SESSION_TICKET = 35
+_EXT_PRE_SHARED_KEY = 41
+_EXT_SUPPORTED_VERSIONS = 43
+
+_Buf = bytes | memoryview
+
+
+class ClientHelloError(ValueError):
+    """The bytes are not a well-formed TLS ClientHello."""
+
+
+class _NeedMore(Exception):
+    """Internal: the structure being read continues past the bytes received."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What a ClientHello offers for resumption, plus what selects a cache."""
+
+    legacy_version: int
+    session_id: bytes  # b"" when none
+    psk_identities: tuple[bytes, ...]
+    ticket: bool  # non-empty session_ticket extension present
+    server_name: str | None
+    supported_versions: tuple[int, ...]
+    sslv2_compatible: bool = False
+
+    @property
+    def offers_session(self) -> bool:
+        """Whether a cache lookup could possibly resume this connection.
+
+        TLS 1.3 clients usually send a random 32-byte legacy session ID for
+        middlebox compatibility, so this is a cheap pre-filter, not a promise.
+        """
+        return bool(self.session_id or self.psk_identities or self.ticket)
+
+
+class _Reader:
+    """A cursor over the bytes received so far of a structure of known size.
+
+    Every read names the end of the enclosing structure (``limit``): running
+    past it is a malformed hello, while running past the bytes *received* only
+    means more input is needed. Checking the limit first is what lets a
+    truncated-but-valid prefix be told apart from a lie in a length field.
+    """
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: _Buf, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def _advance(self, n: int, limit: int) -> int:
+        start = self.pos
+        end = start + n
+        if end > limit:
+            raise ClientHelloError("field overruns its enclosing structure")
+        if end > len(self.buf):
+            raise _NeedMore
+        self.pos = end
+        return start
+
+    def u8(self, limit: int) -> int:
+        return self.buf[self._advance(1, limit)]
+
+    def u16(self, limit: int) -> int:
+        p = self._advance(2, limit)
+        return (self.buf[p] << 8) | self.buf[p + 1]
+
+    def u24(self, limit: int) -> int:
+        p = self._advance(3, limit)
+        buf = self.buf
+        return (buf[p] << 16) | (buf[p + 1] << 8) | buf[p + 2]
+
+    def skip(self, n: int, limit: int) -> None:
+        self._advance(n, limit)
+
+    def take(self, n: int, limit: int) -> bytes:
+        p = self._advance(n, limit)
+        return bytes(self.buf[p : p + n])
+
+    def vector(self, length_size: int, limit: int) -> int:
+        """Read a vector's length prefix; return where the vector ends."""
+        length = self.u8(limit) if length_size == 1 else self.u16(limit)
+        end = self.pos + length
+        if end > limit:
+            raise ClientHelloError("vector length overruns its enclosing structure")
+        return end
+
+
+def parse_client_hello(data: bytes) -> ClientHello | None:
+    """Parse the start of a TLS connection as seen by the server.
+
+    ``data`` is everything received so far, from the first byte. Returns
+    ``None`` while the bytes are a well-formed prefix of a ClientHello that
+    fits within :data:`MAX_HELLO_BYTES`; raises :class:`ClientHelloError` as
+    soon as they cannot be one. Bytes after a complete hello are ignored.
+    """
+    total = len(data)
+    if not isinstance(data, bytes):
+        # A memoryview onto a caller's bytearray would pin it against resizing
+        # for as long as a traceback keeps our frame alive; copy instead.
+        data = bytes(data[:MAX_HELLO_BYTES])
+    view = memoryview(data)[:MAX_HELLO_BYTES]
+    try:
+        if not view:
+            raise _NeedMore
+        if view[0] & 0x80:
+            return _parse_sslv2(view)
+        return _parse_handshake(_reassemble(view))
+    except _NeedMore:
+        if total >= MAX_HELLO_BYTES:
+            # Whatever is missing lies beyond the bound, so no amount of
+            # further input can make this a hello we are willing to wait for.
+            raise ClientHelloError(
+                f"no complete ClientHello within the first {MAX_HELLO_BYTES} bytes"
+            ) from None
+        return None
+
+
+def _reassemble(view: memoryview) -> _Buf:
+    """Concatenate handshake-record payloads up to the end of the first message.
+
+    Stops at the record completing the message so that whatever follows (even
+    non-handshake records) is never looked at.
+    """
+    n = len(view)
+    pos = 0
+    chunks: list[memoryview] = []
+    have = 0
+    need = 0  # size of the first handshake message with its header; 0: unknown yet
+    while pos < n:
+        if view[pos] != _HANDSHAKE:
+            raise ClientHelloError(f"expected a handshake record, got content type {view[pos]}")
+        if pos + 1 < n and view[pos + 1] != 3:
+            raise ClientHelloError("record version is not TLS")
+        if pos + _RECORD_HEADER > n:
+            break
+        length = (view[pos + 3] << 8) | view[pos + 4]
+        if not 0 < length <= _MAX_RECORD_PAYLOAD:
+            raise ClientHelloError(f"bad handshake record length {length}")
+        fragment = view[pos + _RECORD_HEADER : pos + _RECORD_HEADER + length]
+        if fragment:
+            chunks.append(fragment)
+            have += len(fragment)
+            if not need and have >= 4:
+                head = chunks[0] if len(chunks[0]) >= 4 else b"".join(chunks)
+                need = 4 + ((head[1] << 16) | (head[2] << 8) | head[3])
+            if need and have >= need:
+                break
+        if len(fragment) < length:
+            break
+        pos += _RECORD_HEADER + length
+    if not chunks:
+        raise _NeedMore
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _parse_handshake(buf: _Buf) -> ClientHello:
+    r = _Reader(buf)
+    msg_type = r.u8(4)
+    if msg_type != _CLIENT_HELLO:
+        raise ClientHelloError(f"first handshake message has type {msg_type}, not ClientHello")
+    end = 4 + r.u24(4)
+    # At least one record header precedes the message, and all of it must fit.
+    if end + _RECORD_HEADER > MAX_HELLO_BYTES:
+        raise ClientHelloError(f"ClientHello of {end - 4} bytes is too large")
+    return _parse_body(r, end)
+
+
+def _parse_body(r: _Reader, end: int) -> ClientHello:
+    legacy_version = r.u16(end)
+    if legacy_version >> 8 != 3:
+        raise ClientHelloError(f"legacy_version {legacy_version:#06x} is not TLS")
+    r.skip(32, end)  # random
+    sid_end = r.vector(1, end)
+    if sid_end - r.pos > _MAX_SESSION_ID:
+        raise ClientHelloError("session_id longer than 32 bytes")
+    session_id = r.take(sid_end - r.pos, sid_end)
+    suites_end = r.vector(2, end)
+    n = suites_end - r.pos
+    if n < 2 or n % 2:
+        raise ClientHelloError("bad cipher_suites length")
+    r.skip(n, suites_end)
+    compression_end = r.vector(1, end)
+    if compression_end == r.pos:
+        raise ClientHelloError("empty compression_methods")
+    r.skip(compression_end - r.pos, compression_end)
+
+    server_name: str | None = None
+    psk_identities: tuple[bytes, ...] = ()
+    ticket = False
+    supported_versions: tuple[int, ...] = ()
+    if r.pos < end:  # extensions are optional before TLS 1.3
+        exts_end = r.vector(2, end)
+        if exts_end != end:
+            raise ClientHelloError("trailing bytes after extensions")
+        seen: set[int] = set()
+        while r.pos < exts_end:
+            ext_type = r.u16(exts_end)
+            ext_end = r.vector(2, exts_end)
+            if ext_type in seen:
+                raise ClientHelloError(f"duplicate extension {ext_type}")
+            seen.add(ext_type)
+            if ext_type == _EXT_PRE_SHARED_KEY and ext_end != exts_end:
+                raise ClientHelloError("pre_shared_key is not the last extension")
+            if ext_type == _EXT_SERVER_NAME:
+                server_name = _parse_server_name(r, ext_end)
+            elif ext_type == _EXT_PRE_SHARED_KEY:
+                psk_identities = _parse_pre_shared_key(r, ext_end)
+            elif ext_type == _EXT_SUPPORTED_VERSIONS:
+                supported_versions = _parse_supported_versions(r, ext_end)
+            else:
+                if ext_type == _EXT_SESSION_TICKET:
+                    ticket = ext_end > r.pos
+                r.skip(ext_end - r.pos, ext_end)
+    return ClientHello(
+        legacy_version=legacy_version,
+        session_id=session_id,
+        psk_identities=psk_identities,
+        ticket=ticket,
+        server_name=server_name,
+        supported_versions=supported_versions,
+    )
+
+
+def _parse_server_name(r: _Reader, ext_end: int) -> str:
+    """RFC 6066 section 3; like OpenSSL, accept exactly one host_name entry."""
+    list_end = r.vector(2, ext_end)
+    if list_end != ext_end:
+        raise ClientHelloError("trailing bytes in server_name")
+    if list_end == r.pos:
+        raise ClientHelloError("empty server_name list")
+    if r.u8(list_end) != 0:
+        raise ClientHelloError("server_name entry is not a host_name")
+    name_end = r.vector(2, list_end)
+    if name_end != list_end:
+        raise ClientHelloError("server_name must hold exactly one host_name")
+    if name_end == r.pos:
+        raise ClientHelloError("empty host_name")
+    raw = r.take(name_end - r.pos, name_end)
+    # A/U-labels only: the wire form is ASCII; a NUL could make two names alike.
+    if not raw.isascii() or 0 in raw:
+        raise ClientHelloError("host_name is not an ASCII name")
+    return raw.decode("ascii")
+
+
+def _parse_supported_versions(r: _Reader, ext_end: int) -> tuple[int, ...]:
+    list_end = r.vector(1, ext_end)
+    n = list_end - r.pos
+    if list_end != ext_end:
+        raise ClientHelloError("trailing bytes in supported_versions")
+    if n < 2 or n % 2:
+        raise ClientHelloError("bad supported_versions length")
+    return tuple(r.u16(list_end) for _ in range(n // 2))
+
+
+def _parse_pre_shared_key(r: _Reader, ext_end: int) -> tuple[bytes, ...]:
+    """RFC 8446 section 4.2.11: identities, then one binder per identity."""
+    ids_end = r.vector(2, ext_end)
+    if ids_end - r.pos < 7:
+        raise ClientHelloError("pre_shared_key identities list too short")
+    identities: list[bytes] = []
+    while r.pos < ids_end:
+        id_end = r.vector(2, ids_end)
+        if id_end == r.pos:
+            raise ClientHelloError("empty PSK identity")
+        identities.append(r.take(id_end - r.pos, id_end))
+        r.skip(4, ids_end)  # obfuscated_ticket_age
+    binders_end = r.vector(2, ext_end)
+    if binders_end != ext_end:
+        raise ClientHelloError("trailing bytes in pre_shared_key")
+    binders = 0
+    while r.pos < binders_end:
+        binder_end = r.vector(1, binders_end)
+        if binder_end - r.pos < 32:
+            raise ClientHelloError("PSK binder shorter than 32 bytes")
+        r.skip(binder_end - r.pos, binder_end)
+        binders += 1
+    if binders != len(identities):
+        raise ClientHelloError("PSK binder count differs from identity count")
+    return tuple(identities)
+
+
+def _parse_sslv2(view: memoryview) -> ClientHello:
+    """RFC 5246 appendix E.2: an SSL 2.0 CLIENT-HELLO announcing TLS."""
+    r = _Reader(view)
+    end = 2 + (r.u16(2) & 0x7FFF)
+    if r.u8(end) != _CLIENT_HELLO:
+        raise ClientHelloError("SSLv2 message is not a CLIENT-HELLO")
+    version = r.u16(end)
+    if version >> 8 != 3:
+        raise ClientHelloError(f"SSLv2 hello version {version:#06x} is not TLS")
+    specs_len = r.u16(end)
+    sid_len = r.u16(end)
+    challenge_len = r.u16(end)
+    if specs_len == 0 or specs_len % 3:
+        raise ClientHelloError("bad SSLv2 cipher_spec_length")
+    if sid_len > _MAX_SESSION_ID:
+        raise ClientHelloError("SSLv2 session_id longer than 32 bytes")
+    if not 16 <= challenge_len <= 32:
+        raise ClientHelloError("bad SSLv2 challenge_length")
+    if r.pos + specs_len + sid_len + challenge_len != end:
+        raise ClientHelloError("SSLv2 hello length disagrees with its contents")
+    r.skip(specs_len, end)
+    session_id = r.take(sid_len, end)
+    r.skip(challenge_len, end)
+    return ClientHello(
+        legacy_version=version,
+        session_id=session_id,
+        psk_identities=(),
+        ticket=False,
+        server_name=None,
+        supported_versions=(),
+        sslv2_compatible=True,
+    )
