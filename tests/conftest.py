@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ReactorThread, TLSFiles, make_tls_files
+from tests.support import ReactorThread, RedisProcess, TLSFiles, make_tls_files
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +34,13 @@ def other_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 def workdir(tmp_path: Path) -> Path:
     os.chmod(tmp_path, 0o700)
     return tmp_path
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -157,3 +157,45 @@ def wait_for_port(port: int, timeout: float = 20, process: subprocess.Popen[byte
             time.sleep(0.05)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisProcess:
+    """A throwaway redis-server on a loopback port; stop() and start() model an outage."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), "--daemonize", "no", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, process=self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+            self.process = None
+
+    def command(self, *args: str) -> str:
+        """A redis-cli-free command: RESP over a socket, for assertions and corruption."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode('latin-1'))}\r\n{a}\r\n" for a in args)
+            conn.sendall(payload.encode("latin-1"))
+            return conn.recv(1 << 20).decode("latin-1")

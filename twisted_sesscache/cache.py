@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -10,9 +11,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from twisted.internet.defer import Deferred
+
+from twisted_sesscache.clienthello import ClientHello
 from twisted_sesscache.connection import WatchedConnection
+from twisted_sesscache.external import ExternalSessions
 from twisted_sesscache.modes import CacheMode
 from twisted_sesscache.runtime import COUNTERS, RUNTIME, NeedsSharedOpenSSL, OpenSSLAccess
+from twisted_sesscache.sealing import KEY_BYTES, Sealer
+from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.stores.memory import MemoryStore
 
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT
 DEFAULT_TIMEOUT = 300
@@ -45,6 +53,9 @@ class SessionCache:
         session_id_context: bytes | str | None = None,
         tickets: bool = False,
         keep_sessions_on_truncation: bool = True,
+        store: SessionStore | None = None,
+        store_keys: list[bytes] | None = None,
+        store_timeout: float = 0.05,
         runtime: OpenSSLAccess = RUNTIME,
     ) -> None:
         mode = CacheMode.parse(mode) if isinstance(mode, str) else CacheMode(mode)
@@ -63,6 +74,15 @@ class SessionCache:
                 raise NeedsSharedOpenSSL("A session cache size limit")
             if flush_interval:
                 raise NeedsSharedOpenSSL("A scheduled flush of expired sessions")
+        if store is not None and not store_keys:
+            if not isinstance(store, MemoryStore):
+                raise ValueError(
+                    "a shared session store needs a sealing key that every process shares "
+                    "(store_keys=[32 bytes], --store-key-file)"
+                )
+            store_keys = [os.urandom(KEY_BYTES)]  # never leaves the process
+        if store_timeout <= 0:
+            raise ValueError(f"store timeout must be a positive number of seconds, not {store_timeout}")
         if flush_interval:
             # The reactor flushes; OpenSSL's flush every 255 sessions would stall it unplanned.
             mode |= CacheMode.NO_AUTO_CLEAR
@@ -74,8 +94,13 @@ class SessionCache:
         self.tickets = tickets
         self.keep_sessions_on_truncation = keep_sessions_on_truncation
         self.runtime = runtime
+        self.store = store
+        self.sealer = Sealer(store_keys) if store_keys else None
+        self.external: ExternalSessions | None = None
+        if store is not None and self.sealer is not None and runtime.shared:
+            self.external = ExternalSessions(store, self.sealer, runtime, lookup_timeout=store_timeout)
         self.contexts: list[SSL.Context] = []
-        self._attached: set[int] = set()
+        self._sid_contexts: dict[int, bytes] = {}
         self._observed = dict.fromkeys(OBSERVED, 0)
         self._flushes = 0
         self._flushed = 0
@@ -89,7 +114,7 @@ class SessionCache:
 
         ``session_id_context`` is used when the cache has none of its own.
         """
-        if id(context) in self._attached:
+        if id(context) in self._sid_contexts:
             return context
         context.set_session_cache_mode(int(self.mode))
         context.set_timeout(self.timeout)
@@ -100,7 +125,17 @@ class SessionCache:
         if self.size is not None:
             self.runtime.set_cache_size(context, self.size)
         self.contexts.append(context)
-        self._attached.add(id(context))
+        self._sid_contexts[id(context)] = sid_context or b""
+        if self.external is not None and self.mode & CacheMode.SERVER:
+            if not sid_context:
+                raise ValueError("a shared session store needs a session-ID context (session_id_context=...)")
+            self.external.wire(context, sid_context)
+        elif self.store is not None and not self.runtime.shared and self.mode & CacheMode.SERVER:
+            self.log.warn(
+                "The {runtime} runtime cannot give OpenSSL an external session store: "
+                "server sessions stay in this process (docs/runtimes.md)",
+                runtime=self.runtime.name,
+            )
         return context
 
     def server_context_factory(self, options: Any) -> Any:
@@ -133,10 +168,17 @@ class SessionCache:
             connection,
             self,
             keep_session_on_eof=self.keep_sessions_on_truncation,
+            read_hello=True,
             runtime=self.runtime,
         )
 
     # -- handshake observer ------------------------------------------------
+
+    def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
+        if self.external is None:
+            return None
+        context = connection.get_context()
+        return self.external.prefetch(connection.connection, self._sid_contexts.get(id(context), b""), hello)
 
     def handshake_started(self, connection: WatchedConnection) -> None:
         self._observed["accept"] += 1
@@ -145,8 +187,10 @@ class SessionCache:
         self._observed["accept_good"] += 1
         if connection.resumed:
             self._observed["hits"] += 1
-        elif getattr(connection, "offered_session", False):
+        elif connection.hello is not None and connection.hello.offers_session:
             self._observed["misses"] += 1
+        if self.external is not None:
+            self.external.forget(connection.connection)
 
     def after_read(self, connection: WatchedConnection) -> None:
         pass
@@ -213,6 +257,11 @@ class SessionCache:
             summary.update(self._observed)
         summary["flushes"] = self._flushes
         summary["flushed"] = self._flushed
+        if self.store is not None:
+            summary["store"] = type(self.store).__name__
+            summary["store_errors"] = getattr(self.store, "errors", 0)
+            if self.external is not None:
+                summary.update(self.external.counts)
         if self._client is not None:
             summary["client"] = self._client.stats()
         return summary

@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from OpenSSL import SSL
+from twisted.internet.defer import Deferred
 
+from twisted_sesscache.clienthello import ClientHello, ClientHelloError, parse_client_hello
 from twisted_sesscache.runtime import RUNTIME, OpenSSLAccess
 
 # What OpenSSL says when a peer closes without close_notify; Twisted turns an
@@ -24,6 +26,9 @@ _UNEXPECTED_EOF = [("SSL routines", "", "unexpected eof while reading")]
 
 class HandshakeObserver(Protocol):
     """Told about the handshakes of the connections it watches."""
+
+    def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
+        """A server connection's ClientHello, before OpenSSL sees it; a Deferred holds it back."""
 
     def handshake_started(self, connection: WatchedConnection) -> None: ...
 
@@ -42,15 +47,21 @@ class WatchedConnection:
         observer: HandshakeObserver,
         *,
         keep_session_on_eof: bool = True,
+        read_hello: bool = False,
         runtime: OpenSSLAccess = RUNTIME,
     ) -> None:
         self.connection = connection
         self.handshake_complete = False
         self.truncated = False
+        self.hello: ClientHello | None = None
         self._observer = observer
         self._keep_session_on_eof = keep_session_on_eof
         self._runtime = runtime
         self._started = False
+        self._closed = False
+        # Server side: bytes held back until the ClientHello is read and what it
+        # offers has been fetched; None once they flow straight to OpenSSL.
+        self._held: bytearray | None = bytearray() if read_hello else None
 
     def __getattr__(self, name: str) -> Any:
         # Bound methods are cached on the instance so that the calls Twisted
@@ -62,6 +73,36 @@ class WatchedConnection:
 
     def __repr__(self) -> str:
         return f"<WatchedConnection {self.connection!r}>"
+
+    def bio_write(self, data: bytes) -> int:
+        if self._held is None:
+            return self.connection.bio_write(data) if data else 0
+        self._held += data
+        try:
+            hello = parse_client_hello(bytes(self._held))
+        except ClientHelloError:
+            self._release()  # OpenSSL rejects it with the proper alert
+            return len(data)
+        if hello is not None:
+            self.hello = hello
+            waiting = self._observer.client_hello(self, hello)
+            if waiting is None:
+                self._release()
+            else:
+                waiting.addBoth(self._resume)
+        return len(data)
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._closed:
+            self.connection.bio_write(bytes(held))
+
+    def _resume(self, _: object) -> None:
+        """The lookup is over: hand OpenSSL the hello and let Twisted continue the handshake."""
+        self._release()
+        tls_protocol = self.connection.get_app_data()
+        if not self._closed and tls_protocol is not None:
+            tls_protocol.dataReceived(b"")
 
     def do_handshake(self) -> None:
         if not self._started:
@@ -94,6 +135,7 @@ class WatchedConnection:
         :meth:`recv` turns that close back into the error Twisted reports as
         ``ConnectionLost``.
         """
+        self._closed = True
         if (
             self._keep_session_on_eof
             and self.handshake_complete

@@ -12,8 +12,9 @@ by comparing the address of a string inside both libraries.
 from __future__ import annotations
 
 import ctypes.util
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from OpenSSL import SSL
 from twisted.python.failure import Failure
@@ -54,6 +55,7 @@ void SSL_CTX_sess_set_new_cb(void *ctx, int (*cb)(void *ssl, void *session));
 void SSL_CTX_sess_set_remove_cb(void *ctx, void (*cb)(void *ctx, void *session));
 void SSL_CTX_sess_set_get_cb(void *ctx,
     void *(*cb)(void *ssl, const unsigned char *id, int len, int *copy));
+void *SSL_get_SSL_CTX(const void *ssl);
 int SSL_SESSION_up_ref(void *session);
 void SSL_SESSION_free(void *session);
 void *d2i_SSL_SESSION(void **a, unsigned char **pp, long length);
@@ -113,6 +115,8 @@ class OpenSSLAccess:
         self.name = SHARED if shared else BUNDLED
         self.version = openssl_version()
         self._ffi, self._lib = shared if shared else (None, None)
+        self._handlers: dict[int, _Handlers] = {}
+        self._callbacks: tuple[Any, Any, Any] | None = None
 
     @property
     def shared(self) -> bool:
@@ -269,34 +273,59 @@ class OpenSSLAccess:
         handshake continues as if the callback had found nothing.
         """
         lib = self._need("External session-cache callbacks")
-        ffi = self._ffi
-        keep: list[Any] = []
-
+        pointer = self._ptr(context._context)
+        address = int(self._ffi.cast("uintptr_t", pointer))
+        self._handlers[address] = _Handlers(new, remove, get)
+        # Dropped before OpenSSL frees the context, so that the removals
+        # SSL_CTX_free reports find no handler rather than a dead one.
+        weakref.finalize(context, self._handlers.pop, address, None)
+        trampolines = self._trampolines()
         if new is not None:
-            def on_new(ssl: Any, pointer: Any) -> int:
-                new(_connection_of(ffi, ssl), self._adopt(pointer))
-                return 0  # OpenSSL keeps its reference; ours was taken in _adopt
-
-            keep.append(ffi.callback("int(void *, void *)", on_new, error=0, onerror=_report))
-            lib.SSL_CTX_sess_set_new_cb(self._ptr(context._context), keep[-1])
+            lib.SSL_CTX_sess_set_new_cb(pointer, trampolines[0])
         if remove is not None:
-            def on_remove(ctx: Any, pointer: Any) -> None:
-                remove(self._adopt(pointer))
-
-            keep.append(ffi.callback("void(void *, void *)", on_remove, onerror=_report))
-            lib.SSL_CTX_sess_set_remove_cb(self._ptr(context._context), keep[-1])
+            lib.SSL_CTX_sess_set_remove_cb(pointer, trampolines[1])
         if get is not None:
-            def on_get(ssl: Any, data: Any, length: int, copy: Any) -> Any:
-                copy[0] = 0  # the session handed back is OpenSSL's to free
-                der = get(_connection_of(ffi, ssl), bytes(ffi.buffer(data, length)))
-                return self._decode_session(der) if der else ffi.NULL
+            lib.SSL_CTX_sess_set_get_cb(pointer, trampolines[2])
 
-            keep.append(
-                ffi.callback("void *(void *, const unsigned char *, int, int *)", on_get, error=ffi.NULL, onerror=_report)
-            )
-            lib.SSL_CTX_sess_set_get_cb(self._ptr(context._context), keep[-1])
-        # The C function pointers live as long as the context that calls them.
-        context._sesscache_callbacks = [*getattr(context, "_sesscache_callbacks", []), *keep]
+    def _trampolines(self) -> tuple[Any, Any, Any]:
+        """One C entry point per callback kind, alive as long as this object.
+
+        Per-context cffi callbacks would be freed with the context's Python
+        object, possibly before OpenSSL's last call into them; these dispatch
+        on the ``SSL_CTX`` address instead.
+        """
+        if self._callbacks is not None:
+            return self._callbacks
+        ffi, lib = self._ffi, self._lib
+
+        def handlers_of_ssl(ssl: Any) -> _Handlers | None:
+            return self._handlers.get(int(ffi.cast("uintptr_t", lib.SSL_get_SSL_CTX(ssl))))
+
+        def on_new(ssl: Any, pointer: Any) -> int:
+            handlers = handlers_of_ssl(ssl)
+            if handlers is not None and handlers.new is not None:
+                handlers.new(_connection_of(ffi, ssl), self._adopt(pointer))
+            return 0  # OpenSSL keeps its own reference; _adopt took ours
+
+        def on_remove(ctx: Any, pointer: Any) -> None:
+            handlers = self._handlers.get(int(ffi.cast("uintptr_t", ctx)))
+            if handlers is not None and handlers.remove is not None:
+                handlers.remove(self._adopt(pointer))
+
+        def on_get(ssl: Any, data: Any, length: int, copy: Any) -> Any:
+            copy[0] = 0  # the session handed back is OpenSSL's to free
+            handlers = handlers_of_ssl(ssl)
+            if handlers is None or handlers.get is None:
+                return ffi.NULL
+            der = handlers.get(_connection_of(ffi, ssl), bytes(ffi.buffer(data, length)))
+            return self._decode_session(der) if der else ffi.NULL
+
+        self._callbacks = (
+            ffi.callback("int(void *, void *)", on_new, error=0, onerror=_report),
+            ffi.callback("void(void *, void *)", on_remove, onerror=_report),
+            ffi.callback("void *(void *, const unsigned char *, int, int *)", on_get, error=ffi.NULL, onerror=_report),
+        )
+        return self._callbacks
 
     def _adopt(self, pointer: Any) -> SSL.Session:
         """A pyOpenSSL Session holding its own reference to an SSL_SESSION."""
@@ -311,6 +340,12 @@ class OpenSSLAccess:
 NewSessionCallback = Callable[["SSL.Connection | None", SSL.Session], None]
 RemoveSessionCallback = Callable[[SSL.Session], None]
 GetSessionCallback = Callable[["SSL.Connection | None", bytes], "bytes | None"]
+
+
+class _Handlers(NamedTuple):
+    new: NewSessionCallback | None
+    remove: RemoveSessionCallback | None
+    get: GetSessionCallback | None
 
 
 def _connection_of(ffi: Any, ssl: Any) -> SSL.Connection | None:

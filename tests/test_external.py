@@ -1,0 +1,183 @@
+"""Sessions shared through a store: several listeners, each with its own cache, as processes would be."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from tests.support import RedisProcess, ReactorThread, TLSFiles, s_client, tls_server
+from twisted_sesscache import RUNTIME, SessionCache
+from twisted_sesscache.certs import certificate_options
+from twisted_sesscache.sealing import Sealer
+from twisted_sesscache.stores import SessionStore, store_from_url
+from twisted_sesscache.stores.memory import MemoryStore
+
+pytestmark = pytest.mark.skipif(
+    not RUNTIME.shared,
+    reason="the server-side external store needs OpenSSL's session callbacks, "
+    "which PyPI wheels do not expose (shared-OpenSSL runtime only)",
+)
+
+KEY = bytes(range(32))
+
+
+@contextmanager
+def fleet(rt: ReactorThread, files: TLSFiles, store: SessionStore, count: int = 3, **kwargs: Any) -> Iterator[tuple[list[int], list[SessionCache]]]:
+    """``count`` listeners sharing one store, as ``count`` processes would."""
+    caches = [SessionCache(store=store, store_keys=[KEY], **kwargs) for _ in range(count)]
+    with ExitStack() as stack:
+        ports = [
+            stack.enter_context(
+                tls_server(rt, cache.server_context_factory(certificate_options(files.certificate, files.private_key)))
+            )
+            for cache in caches
+        ]
+        yield ports, caches
+
+
+def redis_store(rt: ReactorThread, redis: RedisProcess) -> SessionStore:
+    store = rt.call(store_from_url, redis.url)
+    return store
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_session_made_on_one_listener_resumes_on_the_others(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, redis: RedisProcess, tls: str, kind: str
+) -> None:
+    store = MemoryStore() if kind == "memory" else redis_store(reactor_thread, redis)
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store) as (ports, caches):
+        assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+        time.sleep(0.05)  # the write to the store is asynchronous
+        assert s_client(ports[1], tls=tls, sess_in=session, sess_out=session) == "Reused"
+        time.sleep(0.05)
+        assert s_client(ports[2], tls=tls, sess_in=session) == "Reused"
+        stats = [reactor_thread.call(cache.stats) for cache in caches]
+    assert stats[1]["store_hits"] >= 1 and stats[2]["store_hits"] >= 1
+    assert all(s["store_errors"] == 0 and s["store_rejected"] == 0 for s in stats)
+    if kind == "redis":
+        reactor_thread.call(store.close)
+
+
+def test_records_in_redis_are_sealed(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, redis: RedisProcess
+) -> None:
+    store = redis_store(reactor_thread, redis)
+    with fleet(reactor_thread, tls_files, store, count=1) as (ports, _):
+        s_client(ports[0])
+        time.sleep(0.1)
+    keys = redis.command("KEYS", "sesscache:*")
+    assert "sesscache:" in keys
+    key = keys.split("\r\n")[2]
+    value = redis.command("GET", key).split("\r\n", 1)[1]
+    # A DER session starts with a SEQUENCE (0x30); a sealed record with its version byte.
+    assert value.encode("latin-1")[:1] == b"\x01"
+    ttl = int(redis.command("TTL", key).strip(":\r\n"))
+    assert 0 < ttl <= 300
+    reactor_thread.call(store.close)
+
+
+@pytest.mark.parametrize("corruption", ["other-key", "truncated", "random", "other-context"])
+def test_bad_records_never_resume_and_never_crash(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, corruption: str
+) -> None:
+    store = MemoryStore()
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2) as (ports, caches):
+        assert s_client(ports[0], sess_out=session) == "New"
+        time.sleep(0.05)
+        ((key, (expires, record)),) = store._entries.items()
+        if corruption == "other-key":
+            record = Sealer([os.urandom(32)]).seal(b"anything", kind=b"session", context=b"x")
+        elif corruption == "truncated":
+            record = record[: len(record) // 2]
+        elif corruption == "random":
+            record = os.urandom(len(record))
+        else:
+            record = Sealer([KEY]).seal(Sealer([KEY]).open(record, kind=b"session", context=caches[0]._sid_contexts[id(caches[0].contexts[0])]), kind=b"session", context=b"another listener")
+        store._entries[key] = (expires, record)
+        assert s_client(ports[1], sess_in=session) == "New"
+        assert s_client(ports[1]) == "New"  # and the listener goes on serving
+        assert reactor_thread.call(caches[1].stats)["store_rejected"] == 1
+
+
+def test_undecodable_session_inside_a_valid_seal_is_rejected(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    store = MemoryStore()
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2) as (ports, caches):
+        assert s_client(ports[0], sess_out=session) == "New"
+        time.sleep(0.05)
+        ((key, (expires, _)),) = store._entries.items()
+        sid_context = caches[0]._sid_contexts[id(caches[0].contexts[0])]
+        store._entries[key] = (expires, Sealer([KEY]).seal(b"\x30\x03not a session", kind=b"session", context=sid_context))
+        assert s_client(ports[1], sess_in=session) == "New"
+        assert reactor_thread.call(caches[1].stats)["store_rejected"] == 1
+
+
+class SilentStore(MemoryStore):
+    """A store whose reads never answer: a Redis that hangs."""
+
+    def get(self, key: bytes) -> Deferred[bytes | None]:
+        return Deferred()
+
+
+def test_a_store_that_does_not_answer_costs_one_timeout(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, SilentStore(), count=2, store_timeout=0.05) as (ports, caches):
+        assert s_client(ports[0], sess_out=session) == "New"
+        started = time.monotonic()
+        assert s_client(ports[1], sess_in=session) == "New"
+        assert time.monotonic() - started < 5
+        assert reactor_thread.call(caches[1].stats)["store_timeouts"] == 1
+
+
+def test_redis_outage_costs_resumption_not_connections(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, redis: RedisProcess
+) -> None:
+    store = redis_store(reactor_thread, redis)
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2, store_timeout=0.05) as (ports, caches):
+        assert s_client(ports[0], sess_out=session) == "New"
+        redis.stop()
+        outcomes = [s_client(ports[i % 2], sess_in=session if i % 2 else None) for i in range(200)]
+        assert len(outcomes) == 200  # every connection completed its handshake
+        assert reactor_thread.call(caches[1].stats)["store_errors"] + reactor_thread.call(caches[1].stats)["store_timeouts"] > 0
+        redis.start()  # same port: the store reconnects by itself
+        deadline = time.monotonic() + 30
+        resumed = False
+        while not resumed and time.monotonic() < deadline:
+            s_client(ports[0], sess_out=session)
+            time.sleep(0.2)
+            resumed = s_client(ports[1], sess_in=session) == "Reused"
+        assert resumed, "resumption did not come back after Redis returned"
+    reactor_thread.call(store.close)
+
+
+def test_malformed_client_hello_gets_an_error_and_the_listener_serves_on(
+    reactor_thread: ReactorThread, tls_files: TLSFiles
+) -> None:
+    with fleet(reactor_thread, tls_files, MemoryStore(), count=1) as (ports, _):
+        for garbage in (b"\x16\x03\x01\x00\x05\x01\x00\x00\xff\xff", b"GET / HTTP/1.0\r\n\r\n", os.urandom(300)):
+            with socket.create_connection(("127.0.0.1", ports[0]), timeout=5) as conn:
+                conn.sendall(garbage)
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(5)
+                try:
+                    while conn.recv(4096):
+                        pass
+                except (ConnectionResetError, TimeoutError):
+                    pass
+        assert s_client(ports[0]) == "New"
