@@ -181,3 +181,51 @@ def test_malformed_client_hello_gets_an_error_and_the_listener_serves_on(
                 except (ConnectionResetError, TimeoutError):
                     pass
         assert s_client(ports[0]) == "New"
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_shared_ticket_keys_resume_stateless_tickets_anywhere(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, redis: RedisProcess, tls: str
+) -> None:
+    store = redis_store(reactor_thread, redis)
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, tickets="shared", ticket_key_rotation=3600) as (ports, caches):
+        for cache in caches:
+            reactor_thread.call(cache.start)
+        try:
+            assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+            assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"
+            assert s_client(ports[2], tls=tls, sess_in=session) == "Reused"
+            stats = [reactor_thread.call(cache.stats) for cache in caches]
+            # Stateless: the store holds ticket keys, not sessions, and nobody looked one up.
+            assert sum(s["store_hits"] for s in stats) == 0
+            assert sum(c.ticket_keys.created for c in caches) == 2  # this epoch's key and the next one's
+        finally:
+            for cache in caches:
+                reactor_thread.call(cache.stop)
+    reactor_thread.call(store.close)
+
+
+def test_tickets_from_before_a_rotation_still_resume(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    store = MemoryStore()
+    session = tmp_path / "s.pem"
+    rotation = 1.0
+    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared", ticket_key_rotation=rotation, timeout=30) as (
+        ports,
+        caches,
+    ):
+        for cache in caches:
+            reactor_thread.call(cache.start)
+        try:
+            assert s_client(ports[0], sess_out=session) == "New"
+            issued = caches[0].ticket_keys.current()
+            time.sleep(2.2 * rotation)  # two rotations later
+            for cache in caches:
+                reactor_thread.call(cache.ticket_keys.refresh)
+            assert caches[1].ticket_keys.current() != issued
+            assert s_client(ports[1], sess_in=session) == "Reused"
+        finally:
+            for cache in caches:
+                reactor_thread.call(cache.stop)

@@ -21,6 +21,7 @@ from twisted_sesscache.runtime import COUNTERS, RUNTIME, NeedsSharedOpenSSL, Ope
 from twisted_sesscache.sealing import KEY_BYTES, Sealer
 from twisted_sesscache.stores import SessionStore
 from twisted_sesscache.stores.memory import MemoryStore
+from twisted_sesscache.tickets import SharedTicketKeys
 
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT
 DEFAULT_TIMEOUT = 300
@@ -51,7 +52,8 @@ class SessionCache:
         timeout: int = DEFAULT_TIMEOUT,
         flush_interval: float = 0,
         session_id_context: bytes | str | None = None,
-        tickets: bool = False,
+        tickets: bool | str = False,
+        ticket_key_rotation: float = 3600,
         keep_sessions_on_truncation: bool = True,
         store: SessionStore | None = None,
         store_keys: list[bytes] | None = None,
@@ -81,6 +83,13 @@ class SessionCache:
                     "(store_keys=[32 bytes], --store-key-file)"
                 )
             store_keys = [os.urandom(KEY_BYTES)]  # never leaves the process
+        if tickets not in (True, False, "shared"):
+            raise ValueError(f"tickets must be true, false or 'shared', not {tickets!r}")
+        if tickets == "shared":
+            if store is None:
+                raise ValueError("shared ticket keys need a store (store=..., --store URL)")
+            if not runtime.shared:
+                raise NeedsSharedOpenSSL("Shared TLS ticket keys")
         if store_timeout <= 0:
             raise ValueError(f"store timeout must be a positive number of seconds, not {store_timeout}")
         if flush_interval:
@@ -91,7 +100,7 @@ class SessionCache:
         self.timeout = timeout
         self.flush_interval = flush_interval
         self.session_id_context = session_id_context
-        self.tickets = tickets
+        self.tickets = bool(tickets)
         self.keep_sessions_on_truncation = keep_sessions_on_truncation
         self.runtime = runtime
         self.store = store
@@ -99,12 +108,16 @@ class SessionCache:
         self.external: ExternalSessions | None = None
         if store is not None and self.sealer is not None and runtime.shared:
             self.external = ExternalSessions(store, self.sealer, runtime, lookup_timeout=store_timeout)
+        self.ticket_keys: SharedTicketKeys | None = None
+        if tickets == "shared" and store is not None and self.sealer is not None:
+            self.ticket_keys = SharedTicketKeys(store, self.sealer, rotation=ticket_key_rotation, lifetime=timeout)
         self.contexts: list[SSL.Context] = []
         self._sid_contexts: dict[int, bytes] = {}
         self._observed = dict.fromkeys(OBSERVED, 0)
         self._flushes = 0
         self._flushed = 0
         self._loop: LoopingCall | None = None
+        self._started = False
         self._client: ClientSessionCache | None = None
 
     # -- contexts ----------------------------------------------------------
@@ -124,6 +137,8 @@ class SessionCache:
         self.runtime.allow_tickets(context, self.tickets)
         if self.size is not None:
             self.runtime.set_cache_size(context, self.size)
+        if self.ticket_keys is not None:
+            self.runtime.set_ticket_keys(context, self.ticket_keys)
         self.contexts.append(context)
         self._sid_contexts[id(context)] = sid_context or b""
         if self.external is not None and self.mode & CacheMode.SERVER:
@@ -268,10 +283,20 @@ class SessionCache:
 
     # -- scheduling ------------------------------------------------------------
 
-    def start(self, clock: IReactorTime | None = None) -> None:
-        """Flush expired sessions every ``flush_interval`` seconds on the reactor."""
-        if not self.flush_interval or self._loop is not None:
-            return
+    def start(self, clock: IReactorTime | None = None) -> Deferred[None] | None:
+        """Flush expired sessions every ``flush_interval`` seconds on the reactor, keep ticket keys fresh.
+
+        Returns a Deferred that fires once shared ticket keys are in hand, if any.
+        """
+        if self._started:
+            return None
+        self._started = True
+        ready = self.ticket_keys.start() if self.ticket_keys is not None else None
+        if self.flush_interval:
+            self._start_flush_loop(clock)
+        return ready
+
+    def _start_flush_loop(self, clock: IReactorTime | None) -> None:
         self._loop = LoopingCall(self._scheduled_flush)
         if clock is not None:
             self._loop.clock = clock
@@ -289,6 +314,9 @@ class SessionCache:
             self.log.failure("Scheduled session flush failed")
 
     def stop(self) -> None:
+        self._started = False
+        if self.ticket_keys is not None:
+            self.ticket_keys.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

@@ -12,9 +12,10 @@ by comparing the address of a string inside both libraries.
 from __future__ import annotations
 
 import ctypes.util
+import os
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from OpenSSL import SSL
 from twisted.python.failure import Failure
@@ -60,6 +61,15 @@ int SSL_SESSION_up_ref(void *session);
 void SSL_SESSION_free(void *session);
 void *d2i_SSL_SESSION(void **a, unsigned char **pp, long length);
 int i2d_SSL_SESSION(void *session, unsigned char **pp);
+typedef struct ossl_param_st {
+    const char *key; unsigned int data_type; void *data; size_t data_size; size_t return_size;
+} OSSL_PARAM;
+int SSL_CTX_set_tlsext_ticket_key_evp_cb(void *ctx,
+    int (*cb)(void *ssl, unsigned char *name, unsigned char *iv, void *cipher, void *mac, int enc));
+const void *EVP_aes_256_cbc(void);
+int EVP_EncryptInit_ex(void *ctx, const void *cipher, void *engine, const unsigned char *key, const unsigned char *iv);
+int EVP_DecryptInit_ex(void *ctx, const void *cipher, void *engine, const unsigned char *key, const unsigned char *iv);
+int EVP_MAC_CTX_set_params(void *ctx, const OSSL_PARAM *params);
 """
 
 
@@ -117,6 +127,8 @@ class OpenSSLAccess:
         self._ffi, self._lib = shared if shared else (None, None)
         self._handlers: dict[int, _Handlers] = {}
         self._callbacks: tuple[Any, Any, Any] | None = None
+        self._ticket_keys: dict[int, TicketKeySource] = {}
+        self._ticket_callback: Any = None
 
     @property
     def shared(self) -> bool:
@@ -287,6 +299,66 @@ class OpenSSLAccess:
         if get is not None:
             lib.SSL_CTX_sess_set_get_cb(pointer, trampolines[2])
 
+    def set_ticket_keys(self, context: SSL.Context, keys: TicketKeySource) -> None:
+        """SSL_CTX_set_tlsext_ticket_key_evp_cb(3): tickets sealed with keys this process shares.
+
+        ``keys.current()`` names the key new tickets use (None: issue none);
+        ``keys.find(name)`` returns ``(key, is_current)`` for a ticket's key
+        name, or None, so tickets from any process holding the same keys
+        resume here, and those under an older key are renewed.
+        """
+        lib = self._need("Shared TLS ticket keys")
+        pointer = self._ptr(context._context)
+        address = int(self._ffi.cast("uintptr_t", pointer))
+        self._ticket_keys[address] = keys
+        weakref.finalize(context, self._ticket_keys.pop, address, None)
+        if lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(pointer, self._ticket_trampoline()) != 1:
+            raise RuntimeError("OpenSSL refused the ticket key callback")
+
+    def _ticket_trampoline(self) -> Any:
+        if self._ticket_callback is not None:
+            return self._ticket_callback
+        ffi, lib = self._ffi, self._lib
+        cipher = lib.EVP_aes_256_cbc()
+
+        def mac_params(hmac_key: bytes) -> tuple[Any, ...]:
+            key_buffer = ffi.new("unsigned char[]", hmac_key)
+            names = ffi.new("char[]", b"key"), ffi.new("char[]", b"digest"), ffi.new("char[]", b"SHA256")
+            params = ffi.new("OSSL_PARAM[3]")
+            params[0] = (names[0], 5, key_buffer, len(hmac_key), ffi.cast("size_t", -1))
+            params[1] = (names[1], 4, names[2], 6, ffi.cast("size_t", -1))
+            return params, key_buffer, names  # the buffers must outlive the call
+
+        def on_ticket(ssl: Any, name: Any, iv: Any, cipher_ctx: Any, mac_ctx: Any, enc: int) -> int:
+            keys = self._ticket_keys.get(int(ffi.cast("uintptr_t", lib.SSL_get_SSL_CTX(ssl))))
+            if keys is None:
+                return 0
+            if enc:
+                key = keys.current()
+                if key is None:
+                    return 0  # no shared key yet: issue no ticket
+                ffi.memmove(name, key.name, 16)
+                ffi.memmove(iv, os.urandom(16), 16)
+                renew = False
+                init = lib.EVP_EncryptInit_ex
+            else:
+                found = keys.find(bytes(ffi.buffer(name, 16)))
+                if found is None:
+                    return 0  # unknown key: full handshake, new ticket
+                key, current = found
+                renew = not current
+                init = lib.EVP_DecryptInit_ex
+            params = mac_params(key.hmac)
+            if lib.EVP_MAC_CTX_set_params(mac_ctx, params[0]) != 1 or init(cipher_ctx, cipher, ffi.NULL, key.aes, iv) != 1:
+                _drain_errors()
+                return -1
+            return 2 if renew else 1
+
+        self._ticket_callback = ffi.callback(
+            "int(void *, unsigned char *, unsigned char *, void *, void *, int)", on_ticket, error=-1, onerror=_report
+        )
+        return self._ticket_callback
+
     def _trampolines(self) -> tuple[Any, Any, Any]:
         """One C entry point per callback kind, alive as long as this object.
 
@@ -340,6 +412,18 @@ class OpenSSLAccess:
 NewSessionCallback = Callable[["SSL.Connection | None", SSL.Session], None]
 RemoveSessionCallback = Callable[[SSL.Session], None]
 GetSessionCallback = Callable[["SSL.Connection | None", bytes], "bytes | None"]
+
+
+class TicketKey(NamedTuple):
+    name: bytes  # 16 bytes, sent in every ticket
+    aes: bytes  # 32 bytes, AES-256-CBC
+    hmac: bytes  # 32 bytes, HMAC-SHA256
+
+
+class TicketKeySource(Protocol):
+    def current(self) -> TicketKey | None: ...
+
+    def find(self, name: bytes) -> tuple[TicketKey, bool] | None: ...
 
 
 class _Handlers(NamedTuple):

@@ -21,6 +21,9 @@ class SessionStore(Protocol):
 
     def set(self, key: bytes, value: bytes, ttl: int) -> Deferred[None]: ...
 
+    def add(self, key: bytes, value: bytes, ttl: int) -> Deferred[bool]:
+        """Set only if absent; true when this call set it (shared ticket keys: first one wins)."""
+
     def delete(self, key: bytes) -> Deferred[None]: ...
 
     def close(self) -> Deferred[None]: ...

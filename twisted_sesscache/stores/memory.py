@@ -41,6 +41,13 @@ class MemoryStore:
                 self._entries.popitem(last=False)
         return succeed(None)
 
+    def add(self, key: bytes, value: bytes, ttl: int) -> Deferred[bool]:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > self._clock():
+            return succeed(False)
+        self.set(key, value, ttl)
+        return succeed(True)
+
     def delete(self, key: bytes) -> Deferred[None]:
         self._entries.pop(key, None)
         return succeed(None)

@@ -99,7 +99,7 @@ class RedisStore:
 
         def done(value: Any) -> Any:
             self._pending -= 1
-            if self._down_logged and not isinstance(value, BaseException):
+            if self._down_logged:
                 self._down_logged = False
                 self.log.info("Redis session store at {address} answers again", address=self.address)
             return value
@@ -129,6 +129,10 @@ class RedisStore:
         if ttl <= 0:
             return self.delete(key)
         return self._call("set", self.prefix + key, value, expire=int(ttl))
+
+    def add(self, key: bytes, value: bytes, ttl: int) -> Deferred[bool]:
+        added = self._call("set", self.prefix + key, value, expire=int(ttl), only_if_not_exists=True)
+        return added.addCallback(bool)
 
     def delete(self, key: bytes) -> Deferred[None]:
         return self._call("delete", self.prefix + key)
