@@ -229,3 +229,14 @@ def test_tickets_from_before_a_rotation_still_resume(
         finally:
             for cache in caches:
                 reactor_thread.call(cache.stop)
+
+
+def test_new_tls13_clients_cost_the_store_no_lookup(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A TLS 1.3 hello's legacy session ID is random: looking it up would be one wasted query per client."""
+    with fleet(reactor_thread, tls_files, MemoryStore(), count=1) as (ports, caches):
+        for _ in range(3):
+            assert s_client(ports[0], tls="1.3") == "New"
+        stats = reactor_thread.call(caches[0].stats)
+    assert stats["store_misses"] == 0 and stats["store_hits"] == 0

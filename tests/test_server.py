@@ -306,3 +306,20 @@ def test_one_cache_many_contexts(reactor_thread: ReactorThread, tls_files: TLSFi
     assert stats["contexts"] == 2
     assert stats["hits"] == 2 and stats["accept_good"] == 4
     assert all(context.get_timeout() == 123 for context in cache.contexts)
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_misses_count_only_offered_sessions(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str
+) -> None:
+    """New clients are not misses (TLS 1.3 hellos carry a random legacy session ID);
+    a session the server no longer knows is."""
+    session = tmp_path / "s.pem"
+    with serve(reactor_thread, SessionCache(), tls_files) as first:
+        assert s_client(first, tls=tls, sess_out=session) == "New"
+    cache = SessionCache()
+    with serve(reactor_thread, cache, tls_files) as second:
+        assert s_client(second, tls=tls) == "New"
+        assert s_client(second, tls=tls, sess_in=session) == "New"
+    stats = reactor_thread.call(cache.stats)
+    assert stats["accept_good"] == 2 and stats["misses"] == 1 and stats["hits"] == 0

@@ -113,6 +113,7 @@ class SessionCache:
             self.ticket_keys = SharedTicketKeys(store, self.sealer, rotation=ticket_key_rotation, lifetime=timeout)
         self.contexts: list[SSL.Context] = []
         self._sid_contexts: dict[int, bytes] = {}
+        self._tls13: dict[int, bool] = {}
         self._observed = dict.fromkeys(OBSERVED, 0)
         self._flushes = 0
         self._flushed = 0
@@ -141,6 +142,8 @@ class SessionCache:
             self.runtime.set_ticket_keys(context, self.ticket_keys)
         self.contexts.append(context)
         self._sid_contexts[id(context)] = sid_context or b""
+        if self.runtime.shared:
+            self._tls13[id(context)] = self.runtime.allows_tls13(context)
         if self.external is not None and self.mode & CacheMode.SERVER:
             if not sid_context:
                 raise ValueError("a shared session store needs a session-ID context (session_id_context=...)")
@@ -193,7 +196,12 @@ class SessionCache:
         if self.external is None:
             return None
         context = connection.get_context()
-        return self.external.prefetch(connection.connection, self._sid_contexts.get(id(context), b""), hello)
+        return self.external.prefetch(
+            connection.connection,
+            self._sid_contexts.get(id(context), b""),
+            hello,
+            tls13=self._tls13.get(id(context), True),
+        )
 
     def handshake_started(self, connection: WatchedConnection) -> None:
         self._observed["accept"] += 1
@@ -202,7 +210,7 @@ class SessionCache:
         self._observed["accept_good"] += 1
         if connection.resumed:
             self._observed["hits"] += 1
-        elif connection.hello is not None and connection.hello.offers_session:
+        elif connection.hello is not None and _offered_session(connection):
             self._observed["misses"] += 1
         if self.external is not None:
             self.external.forget(connection.connection)
@@ -320,3 +328,17 @@ class SessionCache:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+
+
+def _offered_session(connection: WatchedConnection) -> bool:
+    """Whether the client asked to resume, judged by the version actually negotiated.
+
+    In TLS 1.3 the legacy session ID is random (middlebox compatibility), so
+    only PSK identities count there.
+    """
+    hello = connection.hello
+    if hello is None:
+        return False
+    if connection.get_protocol_version_name() == "TLSv1.3":
+        return bool(hello.psk_identities)
+    return bool(hello.session_id) or hello.ticket

@@ -31,6 +31,7 @@ _MAX_STORED_ID = 32
 # A hello offers one session ID and, in practice, one or two PSK identities.
 _MAX_LOOKUPS = 4
 SESSION_KIND = b"session"
+TLS13 = 0x0304
 
 
 class ExternalSessions:
@@ -85,9 +86,17 @@ class ExternalSessions:
         """Store key: which listener configuration, then which session."""
         return hashlib.sha256(sid_context).hexdigest()[:16].encode() + b":" + session_id.hex().encode()
 
-    def prefetch(self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello) -> Deferred[None] | None:
-        """Fetch what the hello offers into the connection's buffer; None if it offers nothing stored."""
-        offered = [i for i in (hello.session_id, *hello.psk_identities) if 0 < len(i) <= _MAX_STORED_ID]
+    def prefetch(
+        self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool
+    ) -> Deferred[None] | None:
+        """Fetch what the hello offers into the connection's buffer; None if it offers nothing stored.
+
+        When both sides speak TLS 1.3, the legacy session ID is the random
+        value of middlebox compatibility mode, not a session: only the PSK
+        identities are looked up, sparing the store a query per new client.
+        """
+        legacy = () if tls13 and TLS13 in hello.supported_versions else (hello.session_id,)
+        offered = [i for i in (*legacy, *hello.psk_identities) if 0 < len(i) <= _MAX_STORED_ID]
         if not offered:
             return None
         lookups = [self._lookup(connection, sid_context, i) for i in dict.fromkeys(offered[:_MAX_LOOKUPS])]

@@ -27,6 +27,8 @@ BUNDLED = "bundled-openssl"
 # SSL_CTX_ctrl commands (openssl/ssl.h, stable from 1.1.1 to 4.0).
 _CTRL_SET_SESS_CACHE_SIZE = 42
 _CTRL_GET_SESS_CACHE_SIZE = 43
+_CTRL_GET_MAX_PROTO_VERSION = 131
+_TLS1_3_VERSION = 0x0304
 COUNTERS: dict[str, int] = {
     "number": 20,
     "connect": 21,
@@ -241,6 +243,14 @@ class OpenSSLAccess:
             name: int(lib.SSL_CTX_ctrl(pointer, command, 0, self._ffi.NULL))
             for name, command in COUNTERS.items()
         }
+
+    def allows_tls13(self, context: SSL.Context) -> bool:
+        """Whether the context may negotiate TLS 1.3 (then a hello's legacy session ID is noise)."""
+        if self.context_options(context) & getattr(SSL, "OP_NO_TLSv1_3", 0):
+            return False
+        lib = self._need("Reading the protocol version bounds")
+        highest = lib.SSL_CTX_ctrl(self._ptr(context._context), _CTRL_GET_MAX_PROTO_VERSION, 0, self._ffi.NULL)
+        return highest == 0 or highest >= _TLS1_3_VERSION
 
     def flush(self, context: SSL.Context, now: int) -> None:
         """SSL_CTX_flush_sessions(3): drop sessions expired at ``now``."""
