@@ -256,10 +256,10 @@ def test_tls13_hello_with_several_psk_identities(spec: Spec, data: st.DataObject
     assert hello is not None and len(hello.psk_identities) >= 2 and hello.offers_session
     assert 0x0304 in hello.supported_versions
     # Accumulating TCP segments with arbitrary boundaries.
-    received = b""
+    received = bytearray()
     for cut in [*chunk_points(data.draw, len(stream)), len(stream)]:
-        received = stream[:cut]
-        assert parse_client_hello(received) == (hello if cut >= hello_end else None)
+        received += stream[len(received) : cut]
+        assert parse_client_hello(bytes(received)) == (hello if cut >= hello_end else None)
 
 
 @SETTINGS
