@@ -110,8 +110,8 @@ def certificate_options(
     key = load_private_key(private_key if private_key is not None else certificate)
     probe = SSL.Context(SSL.TLS_METHOD)
     probe.use_certificate(chain[0])
-    probe.use_privatekey(key)
     try:
+        probe.use_privatekey(key)  # OpenSSL 3 already refuses a mismatched key here
         probe.check_privatekey()
     except SSL.Error:
         raise CertificateError(

@@ -118,6 +118,9 @@ class WatchedConnection:
             data: bytes = self.connection.recv(bufsiz, flags)
         except SSL.ZeroReturnError:
             if self.truncated:
+                # Mark our side shut down too: SSL_free evicts the session of a
+                # connection that never sent close_notify (ssl_clear_bad_session).
+                self.connection.set_shutdown(self.connection.get_shutdown() | SSL.SENT_SHUTDOWN)
                 raise SSL.Error(_UNEXPECTED_EOF) from None
             raise
         finally:
