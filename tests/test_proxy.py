@@ -1,0 +1,288 @@
+"""The TLS-terminating proxy: wiring and flow control, a real relay, and ``twistd sesscache --upstream``."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import StringTransport
+
+from tests.support import ReactorThread, TLSFiles, free_port, resume_series
+from tests.test_tap import Browser, assert_clean_exit, files_args, twistd
+from twisted_sesscache import SessionCache
+from twisted_sesscache.certs import certificate_options
+from twisted_sesscache.endpoints import TLSServerEndpoint
+from twisted_sesscache.proxy import ProxyClient, ProxyFactory, ProxyServer, upstream_endpoint
+
+# -- wiring, with fake transports ------------------------------------------------------
+
+
+class FakeEndpoint:
+    """A client endpoint whose connection attempts the test completes by hand."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Any, Deferred[Any]]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        attempt: Deferred[Any] = Deferred()
+        self.attempts.append((factory, attempt))
+        return attempt
+
+
+def accepted() -> tuple[ProxyServer, StringTransport, FakeEndpoint]:
+    endpoint = FakeEndpoint()
+    server = ProxyFactory(endpoint).buildProtocol(None)  # type: ignore[arg-type]
+    transport = StringTransport()
+    server.makeConnection(transport)
+    return server, transport, endpoint
+
+
+def connect_upstream(endpoint: FakeEndpoint) -> tuple[ProxyClient, StringTransport]:
+    factory, attempt = endpoint.attempts[-1]
+    client = factory.buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    attempt.callback(client)
+    return client, transport
+
+
+def test_reads_nothing_until_upstream_is_connected() -> None:
+    server, transport, endpoint = accepted()
+    assert transport.producerState == "paused" and len(endpoint.attempts) == 1
+    server.dataReceived(b"early bytes")
+    client, upstream = connect_upstream(endpoint)
+    assert upstream.value() == b"early bytes"
+    assert transport.producerState == "producing"
+
+
+def test_each_leg_is_the_others_producer() -> None:
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    assert transport.producer.transport is upstream and transport.streaming
+    assert upstream.producer.transport is transport and upstream.streaming
+    upstream.producer.pauseProducing()  # the upstream leg's buffer is full
+    assert transport.producerState == "paused"
+    transport.producer.pauseProducing()  # the accepted leg's buffer is full
+    assert upstream.producerState == "paused"
+
+
+def test_a_lost_leg_does_not_cut_the_other_under_tls() -> None:
+    """A transport stops its producer when its connection is lost; for the accepted TLS leg
+    that must not close TCP under TLS (the client's close_notify would go unread)."""
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    upstream.producer.stopProducing()
+    assert transport.producerState == "producing" and not transport.disconnecting
+    client.connectionLost()
+    assert transport.disconnecting  # closed by the protocol, the orderly way
+
+
+def test_bytes_both_ways() -> None:
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    server.dataReceived(b"request")
+    client.dataReceived(b"response")
+    assert upstream.value() == b"request" and transport.value() == b"response"
+
+
+def test_upstream_close_closes_the_client_after_unregistering() -> None:
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    client.connectionLost()
+    assert transport.disconnecting and transport.producer is None
+    assert server.peer is None
+
+
+def test_upstream_close_while_paused_still_reads_the_clients_close_notify() -> None:
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    upstream.producer.pauseProducing()  # upstream was not keeping up
+    client.connectionLost()
+    assert transport.producerState == "producing" and transport.disconnecting
+    server.dataReceived(b"late bytes from the client")
+    assert server._pending == [], "nothing to relay them to, so nothing is kept"
+
+
+def test_client_close_closes_upstream() -> None:
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    server.connectionLost()
+    assert upstream.disconnecting and upstream.producer is None
+    client.connectionLost()
+    assert server.peer is None
+
+
+def test_unreachable_upstream_aborts_the_client() -> None:
+    server, transport, endpoint = accepted()
+    endpoint.attempts[0][1].errback(ConnectionRefusedError())
+    assert transport.disconnecting
+
+
+def test_client_gone_before_upstream_connects() -> None:
+    server, transport, endpoint = accepted()
+    attempt = endpoint.attempts[0][1]
+    server.connectionLost()
+    assert attempt.called, "the connection attempt is cancelled"
+    attempt.addErrback(lambda failure: None)
+
+
+def test_upstream_endpoint_is_built_from_the_options() -> None:
+    endpoint = upstream_endpoint(reactor, {"upstream": "tcp:127.0.0.1:8080"})
+    assert isinstance(endpoint, TCP4ClientEndpoint)
+
+
+# -- a real relay ---------------------------------------------------------------------------
+
+
+class Upstream(Protocol):
+    """Echoes bytes; answers an HTTP request with what it got and closes, so that s_client sees a reply."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.http: bool | None = None
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.http is None:
+            self.buffer += data
+            if len(self.buffer) < 4:
+                return
+            self.http, data, self.buffer = self.buffer.startswith(b"GET "), self.buffer, b""
+        if not self.http:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nupstream got: " + self.buffer)  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@contextmanager
+def upstream_server(rt: ReactorThread) -> Iterator[tuple[int, Factory]]:
+    factory = Factory.forProtocol(Upstream)
+    factory.connections = 0  # type: ignore[attr-defined]
+    port = rt.call(reactor.listenTCP, 0, factory, interface="127.0.0.1")
+    try:
+        yield port.getHost().port, factory
+    finally:
+        rt.call(port.stopListening)
+
+
+class SlowReader(Protocol):
+    """Sends a payload, stops reading until told, and collects the echo."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = hashlib.sha256()
+        self.count = 0
+        self.done: Deferred[str] = Deferred()
+        self.sent = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"ping")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+        if not self.sent:  # the handshake is done and the relay is up: now flood it, reading nothing
+            assert data == b"ping"
+            self.sent = True
+            self.count = 0
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.transport.write(self.payload)  # type: ignore[union-attr]
+            return
+        self.received.update(data)
+        if self.count >= len(self.payload):
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.done.callback(self.received.hexdigest())
+
+
+def test_flow_control_stops_reading_upstream_while_the_client_does_not_read(
+    reactor_thread: ReactorThread, tls_files: TLSFiles
+) -> None:
+    rt = reactor_thread
+    payload = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than loopback socket buffers hold
+    servers: list[ProxyServer] = []
+
+    class RecordingProxyFactory(ProxyFactory):
+        def buildProtocol(self, addr: Any) -> ProxyServer:
+            protocol = super().buildProtocol(addr)
+            servers.append(protocol)
+            return protocol
+
+    creator = SessionCache().server_context_factory(certificate_options(tls_files.certificate, tls_files.private_key))
+    with upstream_server(rt) as (upstream_port, _):
+        proxy_endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), creator)
+        upstream = TCP4ClientEndpoint(reactor, "127.0.0.1", upstream_port)
+        port = rt.call(proxy_endpoint.listen, RecordingProxyFactory(upstream))
+        try:
+            trust = Certificate.loadPEM(tls_files.certificate.read_bytes())
+            client_endpoint = SSL4ClientEndpoint(
+                reactor, "127.0.0.1", port.getHost().port, optionsForClientTLS("localhost", trustRoot=trust)
+            )
+            client = SlowReader(payload)
+            rt.call(connectProtocol, client_endpoint, client)
+
+            def upstream_leg_paused() -> bool:
+                peer = servers[0].peer if servers else None
+                return bool(client.sent and peer is not None and peer.transport not in reactor.getReaders())
+
+            deadline = time.monotonic() + 10
+            while not rt.call(upstream_leg_paused):
+                assert time.monotonic() < deadline, "the proxy kept reading upstream for a client that does not read"
+                time.sleep(0.05)
+            rt.call(client.transport.resumeProducing)
+            digest = rt.call(lambda: client.done)
+        finally:
+            rt.call(port.stopListening)
+    assert digest == hashlib.sha256(payload).hexdigest()
+
+
+# -- through twistd --------------------------------------------------------------------------
+
+
+def test_twistd_proxy_resumes_and_relays(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    port = free_port()
+    with upstream_server(reactor_thread) as (upstream_port, upstream_factory):
+        with twistd(
+            tmp_path, "sesscache", "--listen", f"tcp:{port}:interface=127.0.0.1", *files_args(tls_files),
+            "--upstream", f"tcp:127.0.0.1:{upstream_port}",
+        ) as process:
+            process.wait_for(port)
+            assert resume_series(port, tmp_path, 3, tls="1.2") == ["New", "Reused", "Reused"]
+            assert resume_series(port, tmp_path, 3, tls="1.3") == ["New", "Reused", "Reused"]
+            response = Browser(ssl.TLSVersion.TLSv1_3).get(port, "/round-trip?x=1")
+            assert_clean_exit(process)
+    assert response.startswith(b"HTTP/1.0 200 OK")
+    assert b"upstream got: GET /round-trip?x=1 HTTP/1.1\r\nHost: localhost\r\n" in response
+    assert upstream_factory.connections >= 7  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_in_process_proxy_resumes(reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str) -> None:
+    rt = reactor_thread
+    cache = SessionCache()
+    creator = cache.server_context_factory(certificate_options(tls_files.certificate, tls_files.private_key))
+    with upstream_server(rt) as (upstream_port, _):
+        endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), creator)
+        port = rt.call(endpoint.listen, ProxyFactory(TCP4ClientEndpoint(reactor, "127.0.0.1", upstream_port)))
+        try:
+            assert resume_series(port.getHost().port, tmp_path, 3, tls=tls) == ["New", "Reused", "Reused"]
+        finally:
+            rt.call(port.stopListening)
+    assert rt.call(cache.stats)["hits"] == 2

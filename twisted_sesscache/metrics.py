@@ -1,0 +1,130 @@
+"""Prometheus exposition of ``SessionCache.stats()``, read at scrape time.
+
+The counters live in OpenSSL (or, in the bundled runtime, in the cache); a
+custom collector reads them when Prometheus asks instead of mirroring them
+into client-library metrics that could drift. Each cache gets its own
+registry, so that nothing leaks into (or out of) the process-wide one.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.python import threadable
+from twisted.web.resource import Resource
+
+from twisted_sesscache.cache import SessionCache
+
+PREFIX = "sesscache_"
+
+# stats() key -> (metric name without prefix, kind, help). Counters get "_total" on exposition.
+METRICS: dict[str, tuple[str, str, str]] = {
+    "number": ("sessions", "gauge", "Sessions in the cache (SSL_CTX_sess_number)"),
+    "size_limit": ("size_limit", "gauge", "Maximum number of cached sessions; 0 means no limit"),
+    "timeout": ("timeout_seconds", "gauge", "Session lifetime in seconds"),
+    "contexts": ("contexts", "gauge", "SSL contexts managed by the cache"),
+    "connect": ("connect", "counter", "Client handshakes started"),
+    "connect_good": ("connect_good", "counter", "Client handshakes completed"),
+    "connect_renegotiate": ("connect_renegotiate", "counter", "Client renegotiations started"),
+    "accept": ("accept", "counter", "Server handshakes started"),
+    "accept_good": ("accept_good", "counter", "Server handshakes completed"),
+    "accept_renegotiate": ("accept_renegotiate", "counter", "Server renegotiations started"),
+    "hits": ("hits", "counter", "Sessions resumed"),
+    "cb_hits": ("cb_hits", "counter", "Sessions resumed from the external store callback"),
+    "misses": ("misses", "counter", "Sessions offered by clients but not resumed"),
+    "timeouts": ("timeouts", "counter", "Sessions offered by clients but expired"),
+    "cache_full": ("cache_full", "counter", "Sessions evicted because the cache was full"),
+    "flushes": ("flushes", "counter", "Scheduled or explicit flush runs"),
+    "flushed": ("flushed", "counter", "Sessions removed by flush runs"),
+}
+LABELS = ("runtime", "mode")
+
+
+def metric_name(key: str) -> str:
+    """The exposed name of a ``stats()`` key (counters carry Prometheus' ``_total``)."""
+    name, kind, _ = METRICS.get(key, (_sanitize(key), "gauge", ""))
+    return PREFIX + name + ("_total" if kind == "counter" else "")
+
+
+def _sanitize(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+class SessionCacheCollector(Collector):
+    """Yields the cache's statistics as metrics each time the registry is scraped.
+
+    Values that the runtime cannot observe are ``None`` in ``stats()`` and are
+    left out here rather than exported as a made-up 0. Numeric keys this module
+    does not know yet (added by later features) are exported as gauges.
+    """
+
+    def __init__(self, cache: SessionCache, reactor: Any = None, timeout: float = 5) -> None:
+        self.cache = cache
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def _stats(self) -> dict[str, Any]:
+        """``cache.stats()``, read on the reactor thread, which owns the cache and its contexts.
+
+        MetricsResource scrapes from a WSGI thread. The wait is bounded (unlike
+        ``blockingCallFromThread``): at shutdown the reactor joins its thread
+        pool and would never answer a scrape that is still waiting for it.
+        """
+        if self.reactor is None or threadable.isInIOThread():
+            return self.cache.stats()
+        done = threading.Event()
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            try:
+                result["stats"] = self.cache.stats()
+            except Exception as error:  # handed to the scraping thread
+                result["error"] = error
+            finally:
+                done.set()
+
+        self.reactor.callFromThread(read)
+        if not done.wait(self.timeout):
+            raise TimeoutError(f"the reactor did not hand over the session-cache statistics in {self.timeout} s")
+        if "error" in result:
+            raise result["error"]
+        return result["stats"]  # type: ignore[no-any-return]
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        labels = [str(stats.get(label, "")) for label in LABELS]
+        info = GaugeMetricFamily(PREFIX + "info", "Runtime and cache mode (value always 1)", labels=list(LABELS))
+        info.add_metric(labels, 1)
+        yield info
+        for key, value in stats.items():
+            if key in LABELS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name, kind, documentation = METRICS.get(key, (_sanitize(key), "gauge", f"{key} from SessionCache.stats()"))
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family_type(PREFIX + name, documentation, value=value)
+
+    def describe(self) -> list[Metric]:
+        # Nothing to check against at registration; avoids a scrape at start-up.
+        return []
+
+
+def registry_for(cache: SessionCache, reactor: Any = None) -> CollectorRegistry:
+    """A registry of its own holding only this cache's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SessionCacheCollector(cache, reactor))
+    return registry
+
+
+def metrics_resource(cache: SessionCache, reactor: Any) -> Resource:
+    """``/metrics``: prometheus-client's Twisted resource on the cache's own registry."""
+    from prometheus_client.twisted import MetricsResource  # imports the global reactor
+
+    return MetricsResource(registry_for(cache, reactor))  # type: ignore[no-any-return]
+
+
+__all__ = ["METRICS", "SessionCacheCollector", "metric_name", "metrics_resource", "registry_for"]

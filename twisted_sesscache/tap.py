@@ -1,0 +1,374 @@
+"""``twistd sesscache``: a TLS listener whose sessions resume, in front of a backend or a status page.
+
+Every option is checked in :meth:`Options.postOptions`, so that a bad value
+stops ``twistd`` with one line naming the option instead of a traceback from
+the middle of start-up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from twisted_sesscache import __version__
+from twisted_sesscache.cache import DEFAULT_TIMEOUT, SESSION_ID_CONTEXT_MAX, SessionCache
+from twisted_sesscache.modes import CacheMode
+from twisted_sesscache.runtime import RUNTIME, NeedsSharedOpenSSL
+
+DEFAULT_LISTEN = "tcp:8443:interface=127.0.0.1"
+TLS_PREFIXES = ("ssl", "sesscache")  # endpoints that already speak TLS
+
+
+# -- values from strings, shared with the sesscache: endpoint ---------------------
+
+
+def whole_number(text: str, name: str, minimum: int = 0) -> int:
+    """``text`` as an integer of at least ``minimum``; ValueError naming ``name`` otherwise."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, not {text!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be {minimum} or more, not {value}")
+    return value
+
+
+def seconds(text: str, name: str) -> float:
+    """A non-negative number of seconds."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, not {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses NaN
+        raise ValueError(f"{name} must be 0 or a positive number of seconds, not {text!r}")
+    return value
+
+
+def yes_no(text: str, name: str) -> bool:
+    words = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+    try:
+        return words[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{name} must be yes or no, not {text!r}") from None
+
+
+# -- options ------------------------------------------------------------------------
+
+
+class Options(usage.Options):
+    """Options of ``twistd sesscache``; after parsing, also the cache and TLS options they make."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Terminates TLS with OpenSSL's server-side session cache turned on, so that "
+        "returning clients resume their sessions. With --upstream, the decrypted "
+        "stream goes to a backend; without it, a status page shows each visitor "
+        "whether their connection resumed."
+    )
+    optFlags = [
+        ["generate-certificate", None, "Make a throwaway self-signed certificate for localhost "
+         "(kept in --data-dir when given, so restarts keep it)."],
+    ]
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Stream server endpoint to listen on; TLS is added on top of it."],
+        ["certificate", None, None, "PEM file with the certificate (and its chain; and the key, "
+         "unless --private-key is given)."],
+        ["private-key", None, None, "PEM file with the private key of --certificate."],
+        ["data-dir", None, None, "Directory for generated files (with --generate-certificate)."],
+        ["upstream", None, None, "Client endpoint of the backend that receives the decrypted "
+         "stream, e.g. tcp:127.0.0.1:8080. Without it, a status page is served."],
+        ["session-cache-mode", None, "server", "off, client, server or both, optionally followed by "
+         "modifiers joined with commas: no-auto-clear, no-internal-lookup, no-internal-store, "
+         "no-internal, update-time (example: server,no-auto-clear)."],
+        ["session-cache-size", None, None, "Most sessions kept; 0 means no limit "
+         "[default: OpenSSL's 20480]. Needs the shared-OpenSSL runtime."],
+        ["session-timeout", None, str(DEFAULT_TIMEOUT), "Session lifetime in seconds."],
+        ["flush-interval", None, None, "Flush expired sessions every this many seconds from the "
+         "reactor (implies no-auto-clear); 0 leaves it to OpenSSL's automatic clear every 255 "
+         "sessions [default: 0]. Needs the shared-OpenSSL runtime."],
+        ["session-id-context", None, None, "Sessions resume only between listeners sharing this "
+         f"text (1 to {SESSION_ID_CONTEXT_MAX} bytes) [default: derived from the certificate and "
+         "the verification settings]."],
+        ["stats", None, None, "Stream server endpoint of an HTTP listener serving /stats.json and "
+         "/metrics (Prometheus), e.g. tcp:9443:interface=127.0.0.1."],
+    ]
+    compData = usage.Completions(
+        optActions={
+            "certificate": usage.CompleteFiles("*.pem"),
+            "private-key": usage.CompleteFiles("*.pem"),
+            "data-dir": usage.CompleteDirs(),
+            "session-cache-mode": usage.CompleteList(["off", "client", "server", "both"]),
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tickets"] = False
+        self["keep-sessions-on-truncation"] = True
+        self.notes: list[str] = []
+
+    def opt_tickets(self) -> None:
+        """Issue stateless session tickets; they resume only in this process (its random ticket keys)."""
+        self["tickets"] = True
+
+    def opt_no_tickets(self) -> None:
+        """No stateless tickets: TLS 1.3 gets stateful tickets kept in the cache [default]."""
+        self["tickets"] = False
+
+    def opt_keep_sessions_on_truncation(self) -> None:
+        """Clients closing without close_notify keep their sessions (still reported as unclean) [default]."""
+        self["keep-sessions-on-truncation"] = True
+
+    def opt_strict_truncation(self) -> None:
+        """A close without close_notify invalidates the session, as OpenSSL 3 does by itself."""
+        self["keep-sessions-on-truncation"] = False
+
+    def opt_version(self) -> None:
+        """Print the version and the OpenSSL runtime in use, then exit."""
+        print(version_text())
+        sys.exit(0)
+
+    # -- validation ----------------------------------------------------------
+
+    def postOptions(self) -> None:
+        try:
+            self._check_numbers()
+            self._check_endpoints()
+            self._check_certificate()
+            self["cache"] = self._make_cache()
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+
+    def _check_numbers(self) -> None:
+        try:
+            self["session-cache-mode"] = CacheMode.parse(self["session-cache-mode"])
+        except ValueError as error:
+            raise ValueError(f"--session-cache-mode: {error}") from None
+        if self["session-cache-size"] is not None:
+            self["session-cache-size"] = whole_number(self["session-cache-size"], "--session-cache-size")
+        self["session-timeout"] = whole_number(self["session-timeout"], "--session-timeout", minimum=1)
+        if self["flush-interval"] is not None:
+            self["flush-interval"] = seconds(self["flush-interval"], "--flush-interval")
+        context = self["session-id-context"]
+        if context is not None and not 0 < len(context.encode("utf-8")) <= SESSION_ID_CONTEXT_MAX:
+            raise ValueError(f"--session-id-context must be 1 to {SESSION_ID_CONTEXT_MAX} bytes long")
+
+    def _check_endpoints(self) -> None:
+        """Parse the endpoint strings now: makeService would fail with a traceback."""
+        from twisted.internet import reactor
+
+        checks = [("--listen", serverFromString, self["listen"]), ("--stats", serverFromString, self["stats"]),
+                  ("--upstream", clientFromString, self["upstream"])]
+        for name, parse, description in checks:
+            if description is None:
+                continue
+            prefix = description.split(":", 1)[0].strip().lower()
+            if name == "--listen" and prefix in TLS_PREFIXES:
+                raise ValueError(f"--listen takes a plain endpoint such as tcp:8443 (not {prefix}:); "
+                                 "sesscache adds TLS itself")
+            try:
+                parse(reactor, description)
+            except Exception as error:
+                raise ValueError(f"{name}: cannot use {description!r}: {error}") from None
+
+    def _check_certificate(self) -> None:
+        if self["generate-certificate"]:
+            if self["certificate"] or self["private-key"]:
+                raise ValueError("--generate-certificate cannot be combined with --certificate/--private-key")
+            self["certificate"], self["private-key"] = self._generate_certificate()
+            try:
+                self["certificateOptions"] = self._load_certificate()
+            finally:
+                if not self["data-dir"]:  # loaded into memory: the throwaway files can go
+                    shutil.rmtree(Path(self["certificate"]).parent, ignore_errors=True)
+        elif self["certificate"]:
+            self["certificateOptions"] = self._load_certificate()
+        elif self["private-key"]:
+            raise ValueError("--private-key needs --certificate")
+        else:
+            raise ValueError("--certificate is required (or --generate-certificate for a throwaway one)")
+
+    def _load_certificate(self) -> Any:
+        """CertificateOptions from the files, each failure blamed on the option that named the file."""
+        from twisted_sesscache.certs import CertificateError, certificate_options, load_certificate, load_private_key
+
+        certificate, key = self["certificate"], self["private-key"]
+        try:
+            load_certificate(certificate)
+        except CertificateError as error:
+            raise ValueError(f"--certificate: {error}") from None
+        try:
+            load_private_key(key if key is not None else certificate)
+        except CertificateError as error:
+            raise ValueError(f"{'--private-key' if key else '--certificate'}: {error}") from None
+        mismatch = f"{'--private-key' if key else '--certificate'}: private key {key or certificate!r} " \
+                   f"does not match certificate {certificate!r}"
+        try:
+            return certificate_options(certificate, key, enableSessionTickets=self["tickets"])
+        except CertificateError:
+            raise ValueError(mismatch) from None
+        except SSL.Error:
+            # Some OpenSSL versions already refuse the key in use_privatekey, before
+            # certificate_options gets to turn that into a CertificateError.
+            raise ValueError(mismatch) from None
+
+    def _generate_certificate(self) -> tuple[str, str]:
+        from twisted_sesscache.certs import generate_self_signed
+
+        if self["data-dir"]:
+            directory = Path(self["data-dir"])
+            cert, key = directory / "cert.pem", directory / "key.pem"
+            if cert.exists() and key.exists():
+                self.notes.append(f"Using the self-signed certificate generated earlier in {directory}")
+                return str(cert), str(key)
+        else:
+            # Loaded into memory right away, then removed (see _check_certificate).
+            directory = Path(tempfile.mkdtemp(prefix="sesscache-"))
+        try:
+            cert, key = generate_self_signed(directory)
+        except OSError as error:
+            raise ValueError(f"--data-dir: cannot write a certificate to {str(directory)!r}: {error.strerror}") from None
+        self.notes.append(f"Generated a throwaway self-signed certificate for localhost"
+                          f"{f' in {directory}' if self['data-dir'] else ''}")
+        return str(cert), str(key)
+
+    def _make_cache(self) -> SessionCache:
+        try:
+            return SessionCache(
+                self["session-cache-mode"],
+                size=self["session-cache-size"],
+                timeout=self["session-timeout"],
+                flush_interval=self["flush-interval"] or 0,
+                session_id_context=self["session-id-context"],
+                tickets=self["tickets"],
+                keep_sessions_on_truncation=self["keep-sessions-on-truncation"],
+            )
+        except NeedsSharedOpenSSL as error:
+            name = "--session-cache-size" if self["session-cache-size"] is not None else "--flush-interval"
+            raise ValueError(f"{name}: {error}") from None
+
+
+def version_text() -> str:
+    import OpenSSL
+    import twisted
+
+    return (f"twisted-sesscache {__version__} (Twisted {twisted.__version__}, pyOpenSSL {OpenSSL.__version__})\n"
+            f"runtime: {RUNTIME.describe()}")
+
+
+# -- services -------------------------------------------------------------------------
+
+
+class SessionCacheService(service.Service):
+    """Says which runtime is active, once, and runs the cache's flush loop with the service."""
+
+    log = Logger()
+
+    def __init__(self, cache: SessionCache, clock: IReactorTime, notes: list[str] | None = None) -> None:
+        self.cache = cache
+        self.clock = clock
+        self.notes = notes or []
+        self._announced = False
+
+    def privilegedStartService(self) -> None:
+        # Before the listeners (later siblings) bind, so the runtime line comes first.
+        super().privilegedStartService()
+        self._announce()
+
+    def startService(self) -> None:
+        super().startService()
+        self._announce()
+        self.cache.start(self.clock)
+
+    def _announce(self) -> None:
+        if self._announced:
+            return
+        self._announced = True
+        self.log.info("twisted-sesscache {version}, {runtime}", version=__version__, runtime=RUNTIME.describe())
+        for note in self.notes:
+            self.log.info("{note}", note=note)
+
+    def stopService(self) -> Deferred[None] | None:
+        self.cache.stop()
+        return super().stopService()  # type: ignore[no-any-return]
+
+
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """Logs where the TLS listener listens, and how to watch resumption there."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, upstream: str | None) -> None:
+        self.endpoint = endpoint
+        self.upstream = upstream
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.endpoint.listen(protocolFactory).addCallback(self._listening)  # type: ignore[no-any-return]
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        address = port.getHost()
+        host, number = getattr(address, "host", None), getattr(address, "port", None)
+        if host is None or number is None:
+            self.log.info("TLS listener on {address}", address=address)
+            return port
+        shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+        if self.upstream:
+            self.log.info("TLS listener on {host}:{port}, proxying to {upstream}",
+                          host=host, port=number, upstream=self.upstream)
+        else:
+            from twisted_sesscache.status import watch_commands
+
+            first, second = watch_commands(shown, number)
+            self.log.info(
+                "Status page: https://{shown}:{port}/ (each reload is a new connection). Watch resumption "
+                "with two openssl runs, the second says Reused:\n  {first}\n  {second}",
+                shown=shown, port=number, first=first, second=second,
+            )
+        return port
+
+
+def _listener(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> StreamServerEndpointService:
+    listener = StreamServerEndpointService(endpoint, factory)
+    # As strports.service does: failing to listen stops start-up instead of being logged and ignored.
+    listener._raiseSynchronously = True
+    return listener
+
+
+def makeService(options: Options) -> service.MultiService:
+    """The cache service, the TLS listener (proxy or status page) and the optional stats listener."""
+    from twisted.internet import reactor
+
+    from twisted_sesscache.endpoints import TLSServerEndpoint
+    from twisted_sesscache.proxy import proxy_factory
+    from twisted_sesscache.status import stats_site, status_site
+
+    cache: SessionCache = options["cache"]
+    top = service.MultiService()
+    SessionCacheService(cache, reactor, options.notes).setServiceParent(top)  # type: ignore[arg-type]
+
+    creator = cache.server_context_factory(options["certificateOptions"])
+    factory = proxy_factory(reactor, options) if options["upstream"] else status_site(cache)
+    tls = TLSServerEndpoint(serverFromString(reactor, options["listen"]), creator)
+    _listener(_Announced(tls, options["upstream"]), factory).setServiceParent(top)
+
+    if options["stats"]:
+        _listener(serverFromString(reactor, options["stats"]), stats_site(cache, reactor)).setServiceParent(top)
+    return top
+
+
+__all__ = ["DEFAULT_LISTEN", "Options", "SessionCacheService", "makeService", "seconds", "version_text",
+           "whole_number", "yes_no"]
