@@ -162,15 +162,11 @@ def parse(*args: str) -> Options:
 def test_defaults(tls_files: TLSFiles) -> None:
     options = parse(*files_args(tls_files))
     assert options["listen"] == DEFAULT_LISTEN == "tcp:8443:interface=127.0.0.1"
-    assert options["session-cache-mode"] == CacheMode.SERVER
-    assert options["session-cache-size"] is None
-    assert options["session-timeout"] == 300
-    assert options["flush-interval"] is None
-    assert options["session-id-context"] is None
+    cache: SessionCache = options["cache"]
+    assert cache.store is None and cache.external is None
     assert options["tickets"] is False
     assert options["keep-sessions-on-truncation"] is True
     assert options["upstream"] is None and options["stats"] is None
-    cache: SessionCache = options["cache"]
     assert (cache.mode, cache.size, cache.timeout, cache.flush_interval) == (CacheMode.SERVER, None, 300, 0)
     assert (cache.tickets, cache.keep_sessions_on_truncation, cache.session_id_context) == (False, True, None)
     assert options["certificateOptions"].enableSessionTickets is False

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import (
@@ -25,8 +24,8 @@ from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from twisted_sesscache.cache import SESSION_ID_CONTEXT_MAX, SessionCache
-from twisted_sesscache.modes import CacheMode
+from twisted_sesscache.cache import SessionCache
+from twisted_sesscache.settings import SETTINGS, cache_from_strings, certificate_from_strings, spelling, whole_number
 
 
 @implementer(IStreamServerEndpoint)
@@ -116,6 +115,21 @@ PARAMETERS = (
     "sessionIdContext",
     "tickets",
     "keepSessionsOnTruncation",
+    "store",
+    "storeKeyFile",
+    "storeTimeout",
+    "ticketKeyRotation",
+)
+SPELLING = spelling(
+    {
+        "flush_interval": "flushInterval",
+        "session_id_context": "sessionIdContext",
+        "keep_sessions_on_truncation": "keepSessionsOnTruncation",
+        "store_key_file": "storeKeyFile",
+        "store_timeout": "storeTimeout",
+        "ticket_key_rotation": "ticketKeyRotation",
+        "private_key": "privateKey",
+    }
 )
 
 
@@ -131,10 +145,6 @@ def sesscache_endpoint(reactor: Any, *args: str, **kwargs: str) -> TLSServerEndp
 
 
 def _build(reactor: Any, args: tuple[str, ...], kwargs: dict[str, str]) -> TLSServerEndpoint:
-    from twisted_sesscache.certs import CertificateError, certificate_options
-    from twisted_sesscache.runtime import NeedsSharedOpenSSL
-    from twisted_sesscache.tap import seconds, whole_number, yes_no
-
     if len(args) > 1:
         raise ValueError(f"one positional value (the port) expected, not {list(args)}")
     if args:
@@ -151,37 +161,10 @@ def _build(reactor: Any, args: tuple[str, ...], kwargs: dict[str, str]) -> TLSSe
 
     port = whole_number(kwargs["port"], "port")
     backlog = whole_number(kwargs.get("backlog", "50"), "backlog", minimum=1)
-    size = whole_number(kwargs["size"], "size") if "size" in kwargs else None
-    timeout = whole_number(kwargs.get("timeout", "300"), "timeout", minimum=1)
-    flush_interval = seconds(kwargs.get("flushInterval", "0"), "flushInterval")
-    tickets = yes_no(kwargs.get("tickets", "no"), "tickets")
-    keep = yes_no(kwargs.get("keepSessionsOnTruncation", "yes"), "keepSessionsOnTruncation")
-    try:
-        mode = CacheMode.parse(kwargs.get("mode", "server"))
-    except ValueError as error:
-        raise ValueError(f"mode: {error}") from None
-    context = kwargs.get("sessionIdContext")
-    if context is not None and not 0 < len(context.encode("utf-8")) <= SESSION_ID_CONTEXT_MAX:
-        raise ValueError(f"sessionIdContext must be 1 to {SESSION_ID_CONTEXT_MAX} bytes long")
-    try:
-        cache = SessionCache(
-            mode,
-            size=size,
-            timeout=timeout,
-            flush_interval=flush_interval,
-            session_id_context=context,
-            tickets=tickets,
-            keep_sessions_on_truncation=keep,
-        )
-    except NeedsSharedOpenSSL as error:
-        raise ValueError(f"{'size' if size is not None else 'flushInterval'}: {error}") from None
-    certificate, key = kwargs["certificate"], kwargs.get("privateKey")
-    try:
-        options = certificate_options(certificate, key, enableSessionTickets=tickets)
-    except CertificateError as error:
-        raise ValueError(f"{'privateKey' if key and 'private key' in str(error) else 'certificate'}: {error}") from None
-    except SSL.Error:  # OpenSSL refusing the key before certificate_options can say why
-        raise ValueError(f"privateKey: {key!r} does not match certificate {certificate!r}") from None
+    cache = cache_from_strings({setting: kwargs.get(SPELLING(setting)) for setting in SETTINGS}, SPELLING)
+    options = certificate_from_strings(
+        kwargs["certificate"], kwargs.get("privateKey"), SPELLING, enableSessionTickets=cache.tickets
+    )
     tcp = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=kwargs.get("interface", ""))
     return TLSServerEndpoint(tcp, cache.server_context_factory(options), cache=cache, clock=reactor)
 

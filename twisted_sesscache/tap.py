@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
@@ -25,44 +24,28 @@ from zope.interface import implementer
 
 from twisted_sesscache import __version__
 from twisted_sesscache.cache import DEFAULT_TIMEOUT, SESSION_ID_CONTEXT_MAX, SessionCache
-from twisted_sesscache.modes import CacheMode
-from twisted_sesscache.runtime import RUNTIME, NeedsSharedOpenSSL
+from twisted_sesscache.runtime import RUNTIME
+from twisted_sesscache.settings import cache_from_strings, certificate_from_strings, spelling
+
+# How twistd spells each setting, for error messages (see settings.py).
+SPELLING = spelling(
+    {
+        "mode": "session-cache-mode",
+        "size": "session-cache-size",
+        "timeout": "session-timeout",
+        "flush_interval": "flush-interval",
+        "session_id_context": "session-id-context",
+        "keep_sessions_on_truncation": "strict-truncation",
+        "store_key_file": "store-key-file",
+        "store_timeout": "store-timeout",
+        "ticket_key_rotation": "ticket-key-rotation",
+        "private_key": "private-key",
+    },
+    prefix="--",
+)
 
 DEFAULT_LISTEN = "tcp:8443:interface=127.0.0.1"
 TLS_PREFIXES = ("ssl", "sesscache")  # endpoints that already speak TLS
-
-
-# -- values from strings, shared with the sesscache: endpoint ---------------------
-
-
-def whole_number(text: str, name: str, minimum: int = 0) -> int:
-    """``text`` as an integer of at least ``minimum``; ValueError naming ``name`` otherwise."""
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, not {text!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be {minimum} or more, not {value}")
-    return value
-
-
-def seconds(text: str, name: str) -> float:
-    """A non-negative number of seconds."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of seconds, not {text!r}") from None
-    if not value >= 0 or value == float("inf"):  # also refuses NaN
-        raise ValueError(f"{name} must be 0 or a positive number of seconds, not {text!r}")
-    return value
-
-
-def yes_no(text: str, name: str) -> bool:
-    words = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
-    try:
-        return words[text.strip().lower()]
-    except KeyError:
-        raise ValueError(f"{name} must be yes or no, not {text!r}") from None
 
 
 # -- options ------------------------------------------------------------------------
@@ -104,6 +87,14 @@ class Options(usage.Options):
          "the verification settings]."],
         ["stats", None, None, "Stream server endpoint of an HTTP listener serving /stats.json and "
          "/metrics (Prometheus), e.g. tcp:9443:interface=127.0.0.1."],
+        ["store", None, None, "Share sessions through a store: memory, or redis://[:password@]host:port/db "
+         "(rediss:// for TLS to Redis). Server-side sharing needs the shared-OpenSSL runtime."],
+        ["store-key-file", None, None, "File with the 32-byte key that seals what goes to --store; "
+         "created with mode 0600 when absent. Every process sharing the store needs the same file."],
+        ["store-timeout", None, "0.05", "Seconds a store lookup may take before the handshake goes on "
+         "without it (a full handshake)."],
+        ["ticket-key-rotation", None, "3600", "With --tickets shared: seconds between ticket key "
+         "rotations; older keys still open tickets for one session timeout."],
     ]
     compData = usage.Completions(
         optActions={
@@ -120,9 +111,28 @@ class Options(usage.Options):
         self["keep-sessions-on-truncation"] = True
         self.notes: list[str] = []
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # "--tickets shared" (or --tickets=shared) takes a value; a bare --tickets does not.
+        if options is None:
+            options = sys.argv[1:]
+        rewritten: list[str] = []
+        for word in options:
+            if word == "shared" and rewritten[-1:] == ["--tickets"]:
+                rewritten[-1] = "--shared-tickets"
+            elif word == "--tickets=shared":
+                rewritten.append("--shared-tickets")
+            else:
+                rewritten.append(word)
+        super().parseOptions(rewritten)
+
     def opt_tickets(self) -> None:
-        """Issue stateless session tickets; they resume only in this process (its random ticket keys)."""
+        """Issue stateless session tickets; they resume only in this process (its random ticket keys).
+        `--tickets shared` instead shares ticket keys through --store."""
         self["tickets"] = True
+
+    def opt_shared_tickets(self) -> None:
+        """Stateless tickets sealed with keys shared through --store, rotated every --ticket-key-rotation."""
+        self["tickets"] = "shared"
 
     def opt_no_tickets(self) -> None:
         """No stateless tickets: TLS 1.3 gets stateful tickets kept in the cache [default]."""
@@ -145,26 +155,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self._check_numbers()
             self._check_endpoints()
-            self._check_certificate()
             self["cache"] = self._make_cache()
+            self._check_certificate()
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
-
-    def _check_numbers(self) -> None:
-        try:
-            self["session-cache-mode"] = CacheMode.parse(self["session-cache-mode"])
-        except ValueError as error:
-            raise ValueError(f"--session-cache-mode: {error}") from None
-        if self["session-cache-size"] is not None:
-            self["session-cache-size"] = whole_number(self["session-cache-size"], "--session-cache-size")
-        self["session-timeout"] = whole_number(self["session-timeout"], "--session-timeout", minimum=1)
-        if self["flush-interval"] is not None:
-            self["flush-interval"] = seconds(self["flush-interval"], "--flush-interval")
-        context = self["session-id-context"]
-        if context is not None and not 0 < len(context.encode("utf-8")) <= SESSION_ID_CONTEXT_MAX:
-            raise ValueError(f"--session-id-context must be 1 to {SESSION_ID_CONTEXT_MAX} bytes long")
 
     def _check_endpoints(self) -> None:
         """Parse the endpoint strings now: makeService would fail with a traceback."""
@@ -202,28 +197,9 @@ class Options(usage.Options):
             raise ValueError("--certificate is required (or --generate-certificate for a throwaway one)")
 
     def _load_certificate(self) -> Any:
-        """CertificateOptions from the files, each failure blamed on the option that named the file."""
-        from twisted_sesscache.certs import CertificateError, certificate_options, load_certificate, load_private_key
-
-        certificate, key = self["certificate"], self["private-key"]
-        try:
-            load_certificate(certificate)
-        except CertificateError as error:
-            raise ValueError(f"--certificate: {error}") from None
-        try:
-            load_private_key(key if key is not None else certificate)
-        except CertificateError as error:
-            raise ValueError(f"{'--private-key' if key else '--certificate'}: {error}") from None
-        mismatch = f"{'--private-key' if key else '--certificate'}: private key {key or certificate!r} " \
-                   f"does not match certificate {certificate!r}"
-        try:
-            return certificate_options(certificate, key, enableSessionTickets=self["tickets"])
-        except CertificateError:
-            raise ValueError(mismatch) from None
-        except SSL.Error:
-            # Some OpenSSL versions already refuse the key in use_privatekey, before
-            # certificate_options gets to turn that into a CertificateError.
-            raise ValueError(mismatch) from None
+        return certificate_from_strings(
+            self["certificate"], self["private-key"], SPELLING, enableSessionTickets=bool(self["tickets"])
+        )
 
     def _generate_certificate(self) -> tuple[str, str]:
         from twisted_sesscache.certs import generate_self_signed
@@ -246,19 +222,23 @@ class Options(usage.Options):
         return str(cert), str(key)
 
     def _make_cache(self) -> SessionCache:
-        try:
-            return SessionCache(
-                self["session-cache-mode"],
-                size=self["session-cache-size"],
-                timeout=self["session-timeout"],
-                flush_interval=self["flush-interval"] or 0,
-                session_id_context=self["session-id-context"],
-                tickets=self["tickets"],
-                keep_sessions_on_truncation=self["keep-sessions-on-truncation"],
-            )
-        except NeedsSharedOpenSSL as error:
-            name = "--session-cache-size" if self["session-cache-size"] is not None else "--flush-interval"
-            raise ValueError(f"{name}: {error}") from None
+        tickets = {True: "yes", False: "no", "shared": "shared"}[self["tickets"]]
+        return cache_from_strings(
+            {
+                "mode": self["session-cache-mode"],
+                "size": self["session-cache-size"],
+                "timeout": self["session-timeout"],
+                "flush_interval": self["flush-interval"],
+                "session_id_context": self["session-id-context"],
+                "tickets": tickets,
+                "keep_sessions_on_truncation": "yes" if self["keep-sessions-on-truncation"] else "no",
+                "store": self["store"],
+                "store_key_file": self["store-key-file"],
+                "store_timeout": self["store-timeout"],
+                "ticket_key_rotation": self["ticket-key-rotation"],
+            },
+            SPELLING,
+        )
 
 
 def version_text() -> str:
@@ -370,5 +350,4 @@ def makeService(options: Options) -> service.MultiService:
     return top
 
 
-__all__ = ["DEFAULT_LISTEN", "Options", "SessionCacheService", "makeService", "seconds", "version_text",
-           "whole_number", "yes_no"]
+__all__ = ["DEFAULT_LISTEN", "Options", "SessionCacheService", "makeService", "version_text"]
