@@ -41,6 +41,12 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "cache_full": ("cache_full", "counter", "Sessions evicted because the cache was full"),
     "flushes": ("flushes", "counter", "Scheduled or explicit flush runs"),
     "flushed": ("flushed", "counter", "Sessions removed by flush runs"),
+    "store_errors": ("store_errors", "counter", "Store calls that failed or were refused"),
+    "store_hits": ("store_hits", "counter", "Offered sessions found in the store"),
+    "store_misses": ("store_misses", "counter", "Offered sessions not in the store"),
+    "store_timeouts": ("store_timeouts", "counter", "Store lookups that did not answer in time"),
+    "store_rejected": ("store_rejected", "counter", "Stored records dropped: not sealed for us or not a session"),
+    "store_writes": ("store_writes", "counter", "Sessions written to the store"),
 }
 LABELS = ("runtime", "mode")
 
