@@ -160,7 +160,8 @@ class OpenSSLAccess:
     # -- everywhere ------------------------------------------------------
 
     def context_options(self, context: SSL.Context) -> int:
-        return int(context.set_options(0))
+        # Read, not set(0): pyOpenSSL 25+ refuses setters on a context that made a connection.
+        return int(_pylib.SSL_CTX_get_options(context._context))
 
     def allow_tickets(self, context: SSL.Context, allow: bool) -> None:
         """Turn stateless tickets on or off (off: TLS 1.3 tickets are stateful)."""
@@ -213,6 +214,17 @@ class OpenSSLAccess:
             _drain_errors()
             raise ValueError("OpenSSL rejected the session bytes")
         return pointer
+
+    def offer_session(self, connection: SSL.Connection, session: SSL.Session) -> None:
+        """SSL_set_session(3) for a client connection, before its handshake.
+
+        pyOpenSSL 25+ lets ``Connection.set_session`` take only a session made
+        through the very same ``Context`` object; OpenSSL asks only for a
+        compatible one, which the client side's session keys guarantee.
+        """
+        if _pylib.SSL_set_session(connection._ssl, session._session) != 1:
+            _drain_errors()
+            raise SSL.Error([("SSL routines", "SSL_set_session", "session refused")])
 
     def session_reused(self, connection: SSL.Connection) -> bool:
         return bool(_pylib.SSL_session_reused(connection._ssl))

@@ -1,4 +1,4 @@
-"""twisted-sesscache's plugins: ``twistd sesscache`` and the ``sesscache:`` endpoint string.
+"""twisted-sesscache's plugins: ``twistd sesscache``, the ``sesscache:`` and ``sesscache-tls:`` endpoint strings.
 
 Twisted imports every plugin module whenever it looks for plugins (any
 ``serverFromString`` call, ``twistd --help``), so this module stays light:
@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import ServiceMaker
-from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpointStringParser,
+)
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -35,3 +38,18 @@ class _SessionCacheEndpointParser:
 
 
 sesscacheEndpoint = _SessionCacheEndpointParser()
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class _SessionTLSClientParser:
+    """``sesscache-tls:HOST:PORT:...``, Twisted's ``tls:`` with resumption; see twisted_sesscache.client_endpoints."""
+
+    prefix = "sesscache-tls"
+
+    def parseStreamClient(self, reactor: Any, *args: Any, **kwargs: Any) -> Any:
+        from twisted_sesscache.client_endpoints import parser
+
+        return parser.parseStreamClient(reactor, *args, **kwargs)
+
+
+sesscacheTLSClientEndpoint = _SessionTLSClientParser()
