@@ -199,3 +199,24 @@ class RedisProcess:
             payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode('latin-1'))}\r\n{a}\r\n" for a in args)
             conn.sendall(payload.encode("latin-1"))
             return conn.recv(1 << 20).decode("latin-1")
+
+
+@contextmanager
+def s_server(files: TLSFiles, tls: str, *extra: str) -> Iterator[int]:
+    """``openssl s_server -www`` on a free loopback port, stopped afterwards."""
+    port = free_port()
+    command = [
+        OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(files.certificate),
+        "-key", str(files.private_key), "-www", "-quiet", f"-tls{tls.replace('.', '_')}", *extra,
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process=process)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

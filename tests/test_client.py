@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, t
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, PartialDownloadError, readBody
 
-from tests.support import OPENSSL, InfoProtocol, ReactorThread, TLSFiles, free_port, wait_for_port
+from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, s_server
 from twisted_sesscache import client_endpoints
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.certs import certificate_options
@@ -113,27 +112,6 @@ def spy_offers(client: ClientSessionCache) -> list[bytes | None]:
 
 
 # -- servers -----------------------------------------------------------------------
-
-
-@contextmanager
-def s_server(files: TLSFiles, tls: str, *extra: str) -> Iterator[int]:
-    """``openssl s_server -www`` on a free loopback port, stopped afterwards."""
-    port = free_port()
-    command = [
-        OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(files.certificate),
-        "-key", str(files.private_key), "-www", "-quiet", f"-tls{tls.replace('.', '_')}", *extra,
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, process=process)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def version_options(tls: str) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -19,8 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
 
-from tests.support import ReactorThread, TLSFiles, free_port, resume_series
-from tests.test_tap import Browser, assert_clean_exit, files_args, twistd
+from tests.support import ReactorThread, TLSFiles, free_port, resume_series, s_server
+from tests.test_tap import Browser, assert_clean_exit, files_args, get, twistd
 from twisted_sesscache import SessionCache
 from twisted_sesscache.certs import certificate_options
 from twisted_sesscache.endpoints import TLSServerEndpoint
@@ -286,3 +288,78 @@ def test_in_process_proxy_resumes(reactor_thread: ReactorThread, tls_files: TLSF
         finally:
             rt.call(port.stopListening)
     assert rt.call(cache.stats)["hits"] == 2
+
+
+# -- the upstream leg over TLS ---------------------------------------------------------
+
+
+def fetch_through(port: int) -> bytes:
+    """One request through the proxy, as a client that does not resume (only the upstream leg may).
+
+    What was relayed before the proxy closed; a reset counts as the close it is.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            try:
+                while chunk := tls.recv(65536):
+                    chunks.append(chunk)
+            except (ConnectionResetError, ssl.SSLEOFError):
+                pass
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_upstream_tls_leg_resumes(tmp_path: Path, tls_files: TLSFiles, tls: str) -> None:
+    port, stats_port = free_port(), free_port()
+    with s_server(tls_files, tls) as backend, twistd(
+        tmp_path, "sesscache", *files_args(tls_files),
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--stats", f"tcp:{stats_port}:interface=127.0.0.1",
+        "--upstream", f"tcp:127.0.0.1:{backend}", "--upstream-tls", "--upstream-hostname", "localhost",
+        "--upstream-ca", str(tls_files.certificate), "--session-cache-mode", "both",
+    ) as proxy:
+        proxy.wait_for(port, stats_port)
+        pages = [fetch_through(port) for _ in range(20)]
+        stats = json.loads(get(f"http://127.0.0.1:{stats_port}/stats.json"))
+        metrics = get(f"http://127.0.0.1:{stats_port}/metrics").decode()
+    assert f"sesscache_client_hits_total {float(stats['client']['hits'])}" in metrics
+    reused = sum(b"Reused, TLSv1" in page for page in pages)
+    assert all(b"TLSv1" in page for page in pages), pages[0][:300]
+    assert reused >= 19, [page[:80] for page in pages]
+    assert stats["client"]["hits"] == reused and stats["client"]["connect_good"] == 20
+
+
+def test_upstream_tls_verifies_the_backend(tmp_path: Path, tls_files: TLSFiles, other_tls_files: TLSFiles) -> None:
+    port = free_port()
+    with s_server(tls_files, "1.3") as backend, twistd(
+        tmp_path, "sesscache", *files_args(tls_files), "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "--upstream", f"tcp:127.0.0.1:{backend}", "--upstream-tls", "--upstream-hostname", "localhost",
+        "--upstream-ca", str(other_tls_files.certificate), "--session-cache-mode", "both",
+    ) as proxy:
+        proxy.wait_for(port)
+        assert b"TLSv1" not in fetch_through(port)  # the backend is not trusted: nothing relayed
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--upstream-tls"], "--upstream-tls"),
+        (["--upstream", "tcp:127.0.0.1:1", "--upstream-ca", "/nonexistent.pem"], "--upstream-ca"),
+        (["--upstream", "tcp:127.0.0.1:1", "--upstream-tls", "--upstream-ca", "/nonexistent.pem"], "--upstream-ca"),
+        (["--upstream", "tcp:127.0.0.1:1", "--upstream-tls", "--upstream-certificate", "/nonexistent.pem"],
+         "--upstream-certificate"),
+        (["--upstream", "unix:/tmp/x.sock", "--upstream-tls"], "--upstream-hostname"),
+    ],
+)
+def test_upstream_tls_bad_input(tls_files: TLSFiles, args: list[str], option: str) -> None:
+    from twisted.python import usage
+
+    from twisted_sesscache.tap import Options
+
+    with pytest.raises(usage.UsageError) as raised:
+        Options().parseOptions([*files_args(tls_files), *args])
+    assert str(raised.value).startswith(option) and "\n" not in str(raised.value)

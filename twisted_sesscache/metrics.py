@@ -49,6 +49,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "store_writes": ("store_writes", "counter", "Sessions written to the store"),
 }
 LABELS = ("runtime", "mode")
+# Keys of stats()["client"] that only grow; the others are exported as gauges.
+CLIENT_COUNTERS = frozenset(("connect", "connect_good", "hits", "misses", "offered", "invalidated", "expired", "evicted"))
 
 
 def metric_name(key: str) -> str:
@@ -107,6 +109,10 @@ class SessionCacheCollector(Collector):
         info = GaugeMetricFamily(PREFIX + "info", "Runtime and cache mode (value always 1)", labels=list(LABELS))
         info.add_metric(labels, 1)
         yield info
+        for key, value in stats.get("client", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                family_type = CounterMetricFamily if key in CLIENT_COUNTERS else GaugeMetricFamily
+                yield family_type(PREFIX + "client_" + _sanitize(key), f"Client side: {key}", value=value)
         for key, value in stats.items():
             if key in LABELS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -48,12 +48,13 @@ class FlowControl:
 def upstream_endpoint(reactor: Any, options: Mapping[str, Any]) -> IStreamClientEndpoint:
     """The endpoint each proxied connection connects to.
 
-    ``options`` are the ``twistd sesscache`` options; only ``upstream`` (a
-    client endpoint string) is read for now. This is the one place where
-    upstream TLS (with a client connection creator and its own session cache)
-    will be added.
+    ``options`` are the ``twistd sesscache`` options: ``upstream`` (a client
+    endpoint string) and, with ``--upstream-tls``, the ``upstreamCreator``
+    that verifies the backend and, in client cache mode, resumes its sessions.
     """
-    return clientFromString(reactor, options["upstream"])
+    endpoint = clientFromString(reactor, options["upstream"])
+    creator = options.get("upstreamCreator")
+    return wrapClientTLS(creator, endpoint) if creator is not None else endpoint
 
 
 class ProxyServer(Protocol):

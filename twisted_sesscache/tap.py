@@ -64,6 +64,8 @@ class Options(usage.Options):
     optFlags = [
         ["generate-certificate", None, "Make a throwaway self-signed certificate for localhost "
          "(kept in --data-dir when given, so restarts keep it)."],
+        ["upstream-tls", None, "Speak TLS to --upstream, verifying it; with --session-cache-mode "
+         "client or both, the upstream leg resumes its sessions."],
     ]
     optParameters = [
         ["listen", None, DEFAULT_LISTEN, "Stream server endpoint to listen on; TLS is added on top of it."],
@@ -87,6 +89,14 @@ class Options(usage.Options):
          "the verification settings]."],
         ["stats", None, None, "Stream server endpoint of an HTTP listener serving /stats.json and "
          "/metrics (Prometheus), e.g. tcp:9443:interface=127.0.0.1."],
+        ["upstream-ca", None, None, "With --upstream-tls: PEM file (or directory) of the CA certificates "
+         "the backend is verified against [default: the platform's trust store]."],
+        ["upstream-hostname", None, None, "With --upstream-tls: the name the backend's certificate must "
+         "carry, also sent as SNI [default: the host of --upstream]."],
+        ["upstream-certificate", None, None, "With --upstream-tls: PEM file with a client certificate "
+         "(and its key, unless --upstream-private-key is given)."],
+        ["upstream-private-key", None, None, "With --upstream-tls: PEM file with the key of "
+         "--upstream-certificate."],
         ["store", None, None, "Share sessions through a store: memory, or redis://[:password@]host:port/db "
          "(rediss:// for TLS to Redis). Server-side sharing needs the shared-OpenSSL runtime."],
         ["store-key-file", None, None, "File with the 32-byte key that seals what goes to --store; "
@@ -158,6 +168,7 @@ class Options(usage.Options):
             self._check_endpoints()
             self["cache"] = self._make_cache()
             self._check_certificate()
+            self["upstreamCreator"] = self._upstream_creator()
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
 
@@ -195,6 +206,47 @@ class Options(usage.Options):
             raise ValueError("--private-key needs --certificate")
         else:
             raise ValueError("--certificate is required (or --generate-certificate for a throwaway one)")
+
+    def _upstream_creator(self) -> Any:
+        """The client connection creator of the upstream leg, or None for plain TCP."""
+        tls_only = ("upstream-ca", "upstream-hostname", "upstream-certificate", "upstream-private-key")
+        if not self["upstream-tls"]:
+            given = [name for name in tls_only if self[name] is not None]
+            if given:
+                raise ValueError(f"--{given[0]} needs --upstream-tls")
+            return None
+        if not self["upstream"]:
+            raise ValueError("--upstream-tls needs --upstream")
+        from twisted.internet.ssl import optionsForClientTLS, platformTrust
+
+        from twisted_sesscache.certs import CertificateError
+        from twisted_sesscache.modes import CacheMode
+        from twisted_sesscache.trust import load_client_certificate, load_trust_root
+
+        hostname, port = self["upstream-hostname"], None
+        host_and_port = _tcp_host_and_port(self["upstream"])
+        if host_and_port is not None:
+            hostname, port = hostname or host_and_port[0], host_and_port[1]
+        if not hostname:
+            raise ValueError("--upstream-hostname is required when --upstream is not tcp:HOST:PORT")
+        try:
+            trust = load_trust_root(self["upstream-ca"]) if self["upstream-ca"] else platformTrust()
+        except CertificateError as error:
+            raise ValueError(f"--upstream-ca: {error}") from None
+        client_certificate = None
+        if self["upstream-certificate"]:
+            try:
+                client_certificate = load_client_certificate(self["upstream-certificate"], self["upstream-private-key"])
+            except CertificateError as error:
+                name = "--upstream-private-key" if self["upstream-private-key"] and "key" in str(error) else \
+                    "--upstream-certificate"
+                raise ValueError(f"{name}: {error}") from None
+        elif self["upstream-private-key"]:
+            raise ValueError("--upstream-private-key needs --upstream-certificate")
+        cache: SessionCache = self["cache"]
+        if cache.mode & CacheMode.CLIENT:
+            return cache.client_creator(hostname, trust_root=trust, client_certificate=client_certificate, port=port)
+        return optionsForClientTLS(hostname, trustRoot=trust, clientCertificate=client_certificate)
 
     def _load_certificate(self) -> Any:
         return certificate_from_strings(
@@ -239,6 +291,25 @@ class Options(usage.Options):
             },
             SPELLING,
         )
+
+
+def _tcp_host_and_port(description: str) -> tuple[str, int] | None:
+    """Host and port of a ``tcp:HOST:PORT`` (or ``host=``/``port=``) client endpoint string."""
+    kind, _, rest = description.partition(":")
+    if kind.strip().lower() not in ("tcp", "tcp6"):
+        return None
+    positional, named = [], {}
+    for part in rest.split(":"):
+        key, equals, value = part.partition("=")
+        if equals:
+            named[key] = value
+        else:
+            positional.append(part)
+    host = named.get("host") or (positional[0] if positional else None)
+    port = named.get("port") or (positional[1] if len(positional) > 1 else None)
+    if not host or not port or not port.isdigit():
+        return None
+    return host, int(port)
 
 
 def version_text() -> str:
