@@ -31,7 +31,12 @@ KEY = bytes(range(32))
 
 @contextmanager
 def fleet(rt: ReactorThread, files: TLSFiles, store: SessionStore, count: int = 3, **kwargs: Any) -> Iterator[tuple[list[int], list[SessionCache]]]:
-    """``count`` listeners sharing one store, as ``count`` processes would."""
+    """``count`` listeners sharing one store, as ``count`` processes would.
+
+    The store timeout is generous unless a test sets it, so that a loaded
+    machine measures sharing rather than Redis latency.
+    """
+    kwargs.setdefault("store_timeout", 2.0)
     caches = [SessionCache(store=store, store_keys=[KEY], **kwargs) for _ in range(count)]
     with ExitStack() as stack:
         ports = [

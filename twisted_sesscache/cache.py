@@ -104,6 +104,7 @@ class SessionCache:
         self.keep_sessions_on_truncation = keep_sessions_on_truncation
         self.runtime = runtime
         self.store = store
+        self.store_timeout = store_timeout
         self.sealer = Sealer(store_keys) if store_keys else None
         self.external: ExternalSessions | None = None
         if store is not None and self.sealer is not None and runtime.shared:

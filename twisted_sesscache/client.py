@@ -28,10 +28,12 @@ from weakref import WeakKeyDictionary
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolNegotiationFactory
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate, optionsForClientTLS
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from twisted_sesscache.client_store import SharedClientSessions
 from twisted_sesscache.client_sessions import DEFAULT_CLIENT_SIZE, DEFAULT_PER_KEY, ClientSessions, Entry
 from twisted_sesscache.connection import WatchedConnection
 from twisted_sesscache.modes import CacheMode
@@ -111,6 +113,10 @@ class ClientSessionCache:
         self.keep_sessions_on_truncation: bool = keep_sessions_on_truncation
         self.runtime: OpenSSLAccess = runtime if runtime is not None else getattr(parent, "runtime", RUNTIME)
         self.clock = clock
+        self.shared: SharedClientSessions | None = None
+        store, sealer = getattr(parent, "store", None), getattr(parent, "sealer", None)
+        if store is not None and sealer is not None:
+            self.shared = SharedClientSessions(store, sealer, timeout=getattr(parent, "store_timeout", 0.05))
         self._counts = dict.fromkeys(("connect", "connect_good", "hits", "misses", "offered", "invalidated"), 0)
 
     # -- creators ------------------------------------------------------------
@@ -227,6 +233,8 @@ class ClientSessionCache:
         if expires <= now:
             return None
         self.sessions.put(key, Entry(der, tls13, expires))
+        if self.shared is not None:
+            self.shared.publish(key, der, tls13=tls13, ttl=int(expires - now))
         return der
 
     def forget(self, key: SessionKey, ders: Iterable[bytes]) -> int:
@@ -258,6 +266,7 @@ class ClientSessionCache:
             "size_limit": self.sessions.size,
             "per_key": self.sessions.per_key,
             "timeout": self.timeout,
+            **(self.shared.counts if self.shared is not None else {}),
         }
 
     # -- contexts and connections ------------------------------------------------
@@ -404,12 +413,20 @@ class _ClientHandshake:
     def client_hello(self, connection: WatchedConnection, hello: Any) -> None:
         """Server side only; client connections do not read a ClientHello."""
 
-    def handshake_started(self, connection: WatchedConnection) -> None:
+    def handshake_started(self, connection: WatchedConnection) -> Deferred[None] | None:
         cache = self.cache
         cache.count("connect")
         if self.fill_port:
             self.key = replace(self.key, port=_peer_port(connection.connection))
         der = cache.take(self.key)
+        if der is None and cache.shared is not None:
+            fetched = cache.shared.fetch(self.key)
+            return fetched.addCallback(lambda found: self._offer(connection, found[0]) if found else None)
+        self._offer(connection, der)
+        return None
+
+    def _offer(self, connection: WatchedConnection, der: bytes | None) -> None:
+        cache = self.cache
         if der is None:
             return
         try:

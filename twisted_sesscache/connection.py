@@ -30,7 +30,8 @@ class HandshakeObserver(Protocol):
     def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
         """A server connection's ClientHello, before OpenSSL sees it; a Deferred holds it back."""
 
-    def handshake_started(self, connection: WatchedConnection) -> None: ...
+    def handshake_started(self, connection: WatchedConnection) -> Deferred[None] | None:
+        """A Deferred holds the handshake back until it fires."""
 
     def handshake_done(self, connection: WatchedConnection) -> None: ...
 
@@ -58,6 +59,7 @@ class WatchedConnection:
         self._keep_session_on_eof = keep_session_on_eof
         self._runtime = runtime
         self._started = False
+        self._waiting = False
         self._closed = False
         # Server side: bytes held back until the ClientHello is read and what it
         # offers has been fetched; None once they flow straight to OpenSSL.
@@ -100,18 +102,43 @@ class WatchedConnection:
     def _resume(self, _: object) -> None:
         """The lookup is over: hand OpenSSL the hello and let Twisted continue the handshake."""
         self._release()
+        self._drive()
+
+    def _start_handshake(self, _: object) -> None:
+        self._waiting = False
+        self._drive()
+
+    def _drive(self) -> None:
+        """Have Twisted call do_handshake again (an empty read does exactly that)."""
         tls_protocol = self.connection.get_app_data()
         if not self._closed and tls_protocol is not None:
             tls_protocol.dataReceived(b"")
 
-    def do_handshake(self) -> None:
+    def _begin(self) -> None:
+        """Tell the observer the handshake begins; raise WantReadError while it holds it back."""
         if not self._started:
             self._started = True
-            self._observer.handshake_started(self)
+            waiting = self._observer.handshake_started(self)
+            if waiting is not None:
+                # The observer is fetching a session to offer: the ClientHello waits.
+                self._waiting = True
+                waiting.addBoth(self._start_handshake)
+        if self._waiting:
+            raise SSL.WantReadError()
+
+    def do_handshake(self) -> None:
+        self._begin()
         self.connection.do_handshake()
         if not self.handshake_complete:
             self.handshake_complete = True
             self._observer.handshake_done(self)
+
+    def send(self, buf: bytes, flags: int = 0) -> int:
+        # Twisted writes what the application sends in connectionMade before it
+        # calls do_handshake, and SSL_write would start the handshake itself.
+        if not self.handshake_complete:
+            self._begin()
+        return self.connection.send(buf, flags)
 
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
         try:

@@ -50,7 +50,10 @@ METRICS: dict[str, tuple[str, str, str]] = {
 }
 LABELS = ("runtime", "mode")
 # Keys of stats()["client"] that only grow; the others are exported as gauges.
-CLIENT_COUNTERS = frozenset(("connect", "connect_good", "hits", "misses", "offered", "invalidated", "expired", "evicted"))
+CLIENT_COUNTERS = frozenset(
+    ("connect", "connect_good", "hits", "misses", "offered", "invalidated", "expired", "evicted",
+     "store_hits", "store_misses", "store_timeouts", "store_rejected", "store_writes")
+)
 
 
 def metric_name(key: str) -> str:
