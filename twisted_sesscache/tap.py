@@ -136,8 +136,7 @@ class Options(usage.Options):
         super().parseOptions(rewritten)
 
     def opt_tickets(self) -> None:
-        """Issue stateless session tickets; they resume only in this process (its random ticket keys).
-        `--tickets shared` instead shares ticket keys through --store."""
+        """Stateless tickets with this process's own keys; `--tickets shared` shares keys through --store."""
         self["tickets"] = True
 
     def opt_shared_tickets(self) -> None:
