@@ -14,13 +14,15 @@ $(SHARED)/.ready: pyproject.toml constraints-shared.txt scripts/install-system-d
 	scripts/install-system-deps.sh
 	$(PYTHON) -m venv --system-site-packages $(SHARED)
 	$(SHARED)/bin/pip install $(PIP_FLAGS) -c constraints-shared.txt -e '.[test]'
+	@# txredisapi requires twisted[tls], which would replace the distribution's pyOpenSSL.
+	$(SHARED)/bin/pip install $(PIP_FLAGS) --no-deps 'txredisapi>=1.4.10'
 	touch $@
 
 # Bundled-OpenSSL runtime: plain PyPI wheels, as `pip install` gives anyone.
 $(BUNDLED)/.ready: pyproject.toml scripts/install-system-deps.sh
 	scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(BUNDLED)
-	$(BUNDLED)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	$(BUNDLED)/bin/pip install $(PIP_FLAGS) -e '.[test,redis]'
 	touch $@
 
 run: $(SHARED)/.ready
@@ -34,10 +36,14 @@ test-shared: $(SHARED)/.ready
 test-bundled: $(BUNDLED)/.ready
 	SESSCACHE_EXPECT_RUNTIME=bundled-openssl $(BUNDLED)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: $(SHARED)/.ready
+$(SHARED)/.bench: $(SHARED)/.ready
+	$(SHARED)/bin/pip install $(PIP_FLAGS) -c constraints-shared.txt 'matplotlib>=3.6' 'py-spy>=0.3'
+	touch $@
+
+bench: $(SHARED)/.bench
 	$(SHARED)/bin/python -m twisted_sesscache.bench
 
-bench-quick: $(SHARED)/.ready
+bench-quick: $(SHARED)/.bench
 	$(SHARED)/bin/python -m twisted_sesscache.bench --quick
 
 clean:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
@@ -29,6 +30,12 @@ SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
 
 if TYPE_CHECKING:
     from twisted_sesscache.client import ClientSessionCache
+
+# A scheduled flush catches up on at most this many seconds (a slice each):
+# after a long pause or a clock jump, the first slice takes the rest at once.
+MAX_FLUSH_SLICES = 3600
+# Records an in-process store drops per tick at most (a few milliseconds' work).
+STORE_EXPIRY_BUDGET = 1000
 
 # Counters that can be observed from handshakes when OpenSSL's own are out of reach.
 OBSERVED = ("accept", "accept_good", "hits", "misses")
@@ -119,6 +126,7 @@ class SessionCache:
         self._flushes = 0
         self._flushed = 0
         self._loop: LoopingCall | None = None
+        self._flushed_until: int | None = None
         self._started = False
         self._client: ClientSessionCache | None = None
 
@@ -187,7 +195,9 @@ class SessionCache:
             connection,
             self,
             keep_session_on_eof=self.keep_sessions_on_truncation,
-            read_hello=True,
+            # The hello is read for the store's prefetch, and for counting misses
+            # where OpenSSL's own counters are out of reach; otherwise it costs for nothing.
+            read_hello=self.external is not None or not self.runtime.shared,
             runtime=self.runtime,
         )
 
@@ -223,16 +233,19 @@ class SessionCache:
 
     def flush(self, now: float | None = None) -> int:
         """SSL_CTX_flush_sessions(3) on every context; returns the sessions removed."""
-        moment = int(time.time() if now is None else now)
+        self._flushes += 1
+        removed = self._flush_until(int(time.time() if now is None else now))
+        if removed:
+            self.log.info("Flushed {removed} expired TLS sessions", removed=removed)
+        return removed
+
+    def _flush_until(self, moment: int) -> int:
         removed = 0
         for context in self.contexts:
             before = self.runtime.counters(context)["number"]
             self.runtime.flush(context, moment)
             removed += before - self.runtime.counters(context)["number"]
-        self._flushes += 1
         self._flushed += removed
-        if removed:
-            self.log.info("Flushed {removed} expired TLS sessions", removed=removed)
         return removed
 
     def add(self, session: SSL.Session, context: SSL.Context | None = None) -> bool:
@@ -312,15 +325,45 @@ class SessionCache:
         self._loop.start(self.flush_interval, now=False)
 
     def _scheduled_flush(self) -> None:
-        """One tick of the flush loop: a failure is logged, and the loop goes on."""
-        now = self._loop.clock.seconds() if self._loop is not None else time.time()
+        """One tick of the flush loop: a failure is logged, and the loop goes on.
+
+        OpenSSL keeps its cache ordered by expiry, so a flush costs in
+        proportion to what it removes. The tick removes what expired since the
+        last one a second at a time, one second per reactor turn: a burst of
+        expiries never holds the reactor for longer than one second's worth
+        (measured in docs/benchmarks.md).
+        """
+        assert self._loop is not None
+        clock = self._loop.clock
+        now = int(clock.seconds())
         try:
-            if self.contexts and self.runtime.shared:
-                self.flush(now)
             if self._client is not None:
                 self._client.flush(now)
+            expire = getattr(self.store, "expire", None)  # a store whose records no server expires
+            if expire is not None:
+                expire(budget=STORE_EXPIRY_BUDGET)
+        except Exception:
+            self.log.failure("Scheduled flush of client sessions or store records failed")
+        if not (self.contexts and self.runtime.shared):
+            return
+        # The first tick looks back as far as slices go; later ticks from where the last one ended.
+        start = max(self._flushed_until or 0, now - MAX_FLUSH_SLICES)
+        self._flushed_until = now
+        self._flushes += 1
+        self._flush_slices(iter(range(start + 1, now + 1)), clock, 0)
+
+    def _flush_slices(self, moments: Iterator[int], clock: IReactorTime, removed: int) -> None:
+        try:
+            moment = next(moments, None)
+            if moment is not None:
+                removed += self._flush_until(moment)
         except Exception:
             self.log.failure("Scheduled session flush failed")
+            return
+        if moment is not None:
+            clock.callLater(0, self._flush_slices, moments, clock, removed)
+        elif removed:
+            self.log.info("Flushed {removed} expired TLS sessions", removed=removed)
 
     def stop(self) -> None:
         self._started = False

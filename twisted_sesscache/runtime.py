@@ -63,6 +63,9 @@ int SSL_SESSION_up_ref(void *session);
 void SSL_SESSION_free(void *session);
 void *d2i_SSL_SESSION(void **a, unsigned char **pp, long length);
 int i2d_SSL_SESSION(void *session, unsigned char **pp);
+int SSL_SESSION_set1_id(void *s, const unsigned char *sid, unsigned int sid_len);
+long SSL_SESSION_set_time(void *s, long t);
+long SSL_SESSION_set_timeout(void *s, long t);
 typedef struct ossl_param_st {
     const char *key; unsigned int data_type; void *data; size_t data_size; size_t return_size;
 } OSSL_PARAM;
@@ -276,6 +279,31 @@ class OpenSSLAccess:
     def remove_session(self, context: SSL.Context, session: SSL.Session) -> bool:
         lib = self._need("Removing a session from the cache")
         return bool(lib.SSL_CTX_remove_session(self._ptr(context._context), self._ptr(session._session)))
+
+    def fill_cache(
+        self, context: SSL.Context, der: bytes, count: int, created: Callable[[int], int], timeout: int
+    ) -> None:
+        """Add ``count`` copies of a session, each with a random ID, copy ``i`` made at ``created(i)``.
+
+        For benchmarks and tests of large caches: a loop in C terms, since a
+        handshake (or a Python object) per session would measure the wrong thing.
+        """
+        lib = self._need("Filling a session cache with copies")
+        ffi, pointer = self._ffi, self._ptr(context._context)
+        source = ffi.new("unsigned char[]", der)
+        cursor = ffi.new("unsigned char **")
+        ids = os.urandom(32 * count)
+        for i in range(count):
+            cursor[0] = source
+            session = lib.d2i_SSL_SESSION(ffi.NULL, cursor, len(der))
+            if session == ffi.NULL:
+                _drain_errors()
+                raise ValueError("OpenSSL rejected the template session")
+            lib.SSL_SESSION_set1_id(session, ids[32 * i : 32 * i + 32], 32)
+            lib.SSL_SESSION_set_time(session, created(i))
+            lib.SSL_SESSION_set_timeout(session, timeout)
+            lib.SSL_CTX_add_session(pointer, session)
+            lib.SSL_SESSION_free(session)  # the cache holds its own reference
 
     def session_id(self, session: SSL.Session) -> bytes:
         lib = self._need("Reading a session ID")

@@ -37,7 +37,13 @@ def store_from_url(url: str, reactor: IReactorCore | None = None) -> SessionStor
 
         return MemoryStore()
     if scheme in ("redis", "rediss"):
-        from twisted_sesscache.stores.redis import RedisStore
+        try:
+            from twisted_sesscache.stores.redis import RedisStore
+        except ImportError:
+            raise ValueError(
+                "the Redis store needs txredisapi: pip install 'twisted-sesscache[redis]' "
+                "(under the shared-OpenSSL runtime: pip install --no-deps txredisapi)"
+            ) from None
 
         return RedisStore.from_url(url, reactor)
     raise ValueError(f"unknown store {url!r}: expected 'memory' or redis://host:port/db")

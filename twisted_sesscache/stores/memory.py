@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +19,8 @@ class MemoryStore:
         self.max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        # (expiry, key), oldest first; stale pairs (key since replaced or gone) are skipped.
+        self._expiries: list[tuple[float, bytes]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -35,8 +38,10 @@ class MemoryStore:
 
     def set(self, key: bytes, value: bytes, ttl: int) -> Deferred[None]:
         if ttl > 0:
-            self._entries[key] = (self._clock() + ttl, value)
+            expires = self._clock() + ttl
+            self._entries[key] = (expires, value)
             self._entries.move_to_end(key)
+            heapq.heappush(self._expiries, (expires, key))
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         return succeed(None)
@@ -52,14 +57,25 @@ class MemoryStore:
         self._entries.pop(key, None)
         return succeed(None)
 
-    def expire(self) -> int:
-        """Drop expired entries; the reactor's flush calls this."""
-        now = self._clock()
-        stale = [key for key, (expires, _) in self._entries.items() if expires <= now]
-        for key in stale:
-            del self._entries[key]
-        return len(stale)
+    def expire(self, budget: int | None = None) -> int:
+        """Drop expired entries, oldest first, at most ``budget`` of them; returns how many went.
+
+        Costs in proportion to what expired, not to the store's size.
+        """
+        now, removed = self._clock(), 0
+        while self._expiries and self._expiries[0][0] <= now and (budget is None or removed < budget):
+            expires, key = heapq.heappop(self._expiries)
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == expires:
+                del self._entries[key]
+                removed += 1
+        if len(self._expiries) > 2 * len(self._entries) + 64:
+            # Replaced and deleted keys left stale pairs behind: rebuild.
+            self._expiries = [(expires, key) for key, (expires, _) in self._entries.items()]
+            heapq.heapify(self._expiries)
+        return removed
 
     def close(self) -> Deferred[None]:
         self._entries.clear()
+        self._expiries.clear()
         return succeed(None)
