@@ -1,0 +1,101 @@
+"""A tiny Twisted TLS server, one of three configurations, for the bench to start as a subprocess.
+
+Run as ``python -m twisted_sesscache.bench.tlsserver CONFIG --port N --certificate C
+--private-key K``. Every request gets the same small HTTP/1.0 answer and a clean
+TLS close, so that the servers differ only in how they handle sessions. The
+path ``/stats`` answers with the cache statistics and the process's RSS instead,
+which lets the bench check what the server saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from twisted.internet import protocol
+
+BODY = b"ok\n"
+ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\n" + BODY
+CONFIGS = ("default", "sessions", "sesscache", "sesscache-memstore")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Answer(protocol.Protocol):
+    """Reads one request head, answers it, closes (close_notify first)."""
+
+    def connectionMade(self) -> None:
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\r\n\r\n" not in self._buffer:
+            return
+        transport: Any = self.transport
+        if self._buffer.startswith(b"GET /stats "):
+            body = json.dumps(self.factory.stats()).encode()  # type: ignore[attr-defined]
+            transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
+        else:
+            transport.write(ANSWER)
+        transport.loseConnection()
+
+
+def make_creator(config: str, certificate: str, private_key: str) -> tuple[Any, Any]:
+    """The connection creator for ``config`` and the SessionCache behind it (or None)."""
+    from twisted_sesscache.certs import certificate_options
+
+    if config == "default":
+        return certificate_options(certificate, private_key), None
+    if config == "sessions":
+        return certificate_options(certificate, private_key, enableSessions=True), None
+    if config == "sesscache":
+        from twisted_sesscache import SessionCache
+
+        cache = SessionCache()
+        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
+    if config == "sesscache-memstore":
+        from twisted_sesscache import SessionCache
+        from twisted_sesscache.stores.memory import MemoryStore
+
+        cache = SessionCache(store=MemoryStore())
+        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
+    raise ValueError(f"unknown configuration {config!r}; expected one of {', '.join(CONFIGS)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", choices=CONFIGS)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--certificate", required=True)
+    parser.add_argument("--private-key", required=True)
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor as installed
+
+    reactor: Any = installed
+    creator, cache = make_creator(args.config, args.certificate, args.private_key)
+    factory = protocol.Factory.forProtocol(Answer)
+
+    def stats() -> dict[str, Any]:
+        return {"config": args.config, "rss": rss_bytes(), "cache": cache.stats() if cache else None}
+
+    factory.stats = stats  # type: ignore[attr-defined]
+    reactor.listenSSL(args.port, factory, creator, backlog=1024, interface="127.0.0.1")
+    print(f"listening on 127.0.0.1:{args.port} ({args.config})", file=sys.stderr, flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
