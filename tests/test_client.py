@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import time
 from collections.abc import Iterator
@@ -12,10 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import endpoints, protocol, reactor
@@ -29,7 +23,7 @@ from twisted.web.client import Agent, PartialDownloadError, readBody
 from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, s_server
 from twisted_sesscache import client_endpoints
 from twisted_sesscache.cache import SessionCache
-from twisted_sesscache.certs import certificate_options
+from twisted_sesscache.certs import certificate_options, generate_self_signed
 from twisted_sesscache.client import ClientSessionCache
 from twisted_sesscache.client_sessions import ClientSessions, Entry
 from twisted_sesscache.session_der import session_facts
@@ -146,37 +140,8 @@ def trusting(files: TLSFiles) -> Certificate:
 @pytest.fixture(scope="module")
 def named_tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     """A certificate for alpha.test and beta.test (both served from 127.0.0.1)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alpha.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("alpha.test"),
-                    x509.DNSName("beta.test"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory = tmp_path_factory.mktemp("named")
-    files = TLSFiles(directory / "cert.pem", directory / "key.pem")
-    files.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    files.private_key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return files
+    cert, key = generate_self_signed(tmp_path_factory.mktemp("named"), "alpha.test", "ecdsa", ("beta.test",))
+    return TLSFiles(cert, key)
 
 
 # -- resumption against outside and Twisted peers ---------------------------------------

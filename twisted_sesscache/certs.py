@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -23,8 +24,9 @@ def generate_self_signed(
     directory: str | os.PathLike[str],
     hostname: str = "localhost",
     key_type: str = "rsa",
+    extra_names: Sequence[str] = (),
 ) -> tuple[Path, Path]:
-    """Write ``cert.pem`` and ``key.pem`` for ``hostname`` (and 127.0.0.1, ::1)."""
+    """Write ``cert.pem`` and ``key.pem`` for ``hostname``, ``extra_names`` and 127.0.0.1, ::1."""
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if key_type == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -46,6 +48,7 @@ def generate_self_signed(
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName(hostname),
+                    *(x509.DNSName(name) for name in extra_names),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
                 ]

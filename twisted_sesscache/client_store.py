@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 
-from twisted_sesscache.sealing import SealError, Sealer
+from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.stores.sealed import SealedRecords
 
 KIND = b"client-session"
 _TLS13, _TLS12 = b"\x13", b"\x12"
@@ -24,18 +24,12 @@ _TLS13, _TLS12 = b"\x13", b"\x12"
 class SharedClientSessions:
     """The store side of the client cache: publish what was learned, fetch what is missing."""
 
-    log = Logger()
-
     def __init__(self, store: SessionStore, sealer: Sealer, *, timeout: float = 0.05, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
+        self.records = SealedRecords(store, sealer, KIND, timeout=timeout, reactor=reactor)
 
-            reactor = default_reactor
-        self.store = store
-        self.sealer = sealer
-        self.timeout = timeout
-        self._reactor = reactor
-        self.counts = {"store_hits": 0, "store_misses": 0, "store_timeouts": 0, "store_rejected": 0, "store_writes": 0}
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.records.counts
 
     @staticmethod
     def store_key(key: object) -> tuple[bytes, bytes]:
@@ -44,36 +38,19 @@ class SharedClientSessions:
         return b"client:" + context.hex()[:32].encode(), context
 
     def publish(self, key: object, der: bytes, *, tls13: bool, ttl: int) -> None:
-        if ttl <= 0:
-            return
         name, context = self.store_key(key)
-        record = self.sealer.seal((_TLS13 if tls13 else _TLS12) + der, kind=KIND, context=context)
-        self.counts["store_writes"] += 1
-        self.store.set(name, record, ttl).addErrback(lambda _: None)  # counted by the store
+        self.records.put(name, (_TLS13 if tls13 else _TLS12) + der, context, ttl)
 
     def fetch(self, key: object) -> Deferred[tuple[bytes, bool] | None]:
         """``(der, tls13)`` from the store, or None; never fails, never waits past the timeout."""
         name, context = self.store_key(key)
 
-        def found(record: bytes | None) -> tuple[bytes, bool] | None:
-            if record is None:
-                self.counts["store_misses"] += 1
-                return None
-            try:
-                plain = self.sealer.open(record, kind=KIND, context=context)
-            except SealError:
-                self.counts["store_rejected"] += 1
+        def found(plain: bytes | None) -> tuple[bytes, bool] | None:
+            if plain is None:
                 return None
             tls13 = plain[:1] == _TLS13
             if tls13:
-                self.store.delete(name).addErrback(lambda _: None)  # a ticket is offered once
-            self.counts["store_hits"] += 1
+                self.records.delete(name)  # a ticket is offered once
             return plain[1:], tls13
 
-        def failed(failure: Any) -> None:
-            self.counts["store_timeouts" if failure.check(TimeoutError) else "store_misses"] += 1
-            return None
-
-        lookup = self.store.get(name)
-        lookup.addTimeout(self.timeout, self._reactor)
-        return lookup.addCallbacks(found, failed)
+        return self.records.fetch(name, context).addCallback(found)
