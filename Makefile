@@ -41,10 +41,10 @@ $(SHARED)/.bench: $(SHARED)/.ready
 	touch $@
 
 bench: $(SHARED)/.bench
-	$(SHARED)/bin/python -m twisted_sesscache.bench
+	$(SHARED)/bin/python -m bench
 
 bench-quick: $(SHARED)/.bench
-	$(SHARED)/bin/python -m twisted_sesscache.bench --quick
+	$(SHARED)/bin/python -m bench --quick
 
 clean:
 	rm -rf .venv build *.egg-info

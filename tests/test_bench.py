@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from twisted_sesscache.bench import profiling, report, servers
-from twisted_sesscache.bench.__main__ import _available
+from bench import profiling, report, servers
+from bench.__main__ import _available
 
 SUBSET = ("twisted-default", "twisted-sessions", "sesscache-memory", "openssl-s_server")
 
@@ -26,7 +26,7 @@ def run_quick(directory: Path, configs: tuple[str, ...], rounds: int = 3) -> dic
     results = directory / "results.json"
     done = subprocess.run(
         [
-            sys.executable, "-m", "twisted_sesscache.bench", "--quick",
+            sys.executable, "-m", "bench", "--quick",
             "--only", ",".join(configs), "--parts", "throughput", "--keys", "rsa", "--tls", "1.2",
             "--rounds", str(rounds), "--json", str(results), "--output", str(directory / "benchmarks.md"),
             "--no-chart",

@@ -21,14 +21,14 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, PartialDownloadError, readBody
 
 from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, s_server
-from twisted_sesscache import client_endpoints
+from twisted_sesscache.client import endpoints as client_endpoints
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.certs import certificate_options, generate_self_signed
-from twisted_sesscache.client import ClientSessionCache
-from twisted_sesscache.client_sessions import ClientSessions, Entry
-from twisted_sesscache.session_der import session_facts
+from twisted_sesscache.client.cache import ClientSessionCache
+from twisted_sesscache.client.sessions import ClientSessions, Entry
+from twisted_sesscache.tls.session_der import session_facts
 from twisted_sesscache.trust import load_client_certificate, load_trust_root
-from twisted_sesscache.runtime import RUNTIME
+from twisted_sesscache._openssl.access import RUNTIME
 
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 VERSIONS = ["1.2", "1.3"]

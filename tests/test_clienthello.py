@@ -1,4 +1,4 @@
-"""Tests for twisted_sesscache.clienthello: read exactly what the client sent, or refuse."""
+"""Tests for twisted_sesscache.tls.clienthello: read exactly what the client sent, or refuse."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from twisted_sesscache.clienthello import (
+from twisted_sesscache.tls.clienthello import (
     MAX_HELLO_BYTES,
     ClientHello,
     ClientHelloError,

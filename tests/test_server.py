@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from tests.support import ReactorThread, TLSFiles, resume_series, s_client, tls_server
 from twisted_sesscache import RUNTIME, CacheMode, SessionCache
 from twisted_sesscache.certs import certificate_options, load_certificate
-from twisted_sesscache.server import derived_session_id_context
+from twisted_sesscache.server.creator import derived_session_id_context
 
 shared_only = pytest.mark.skipif(
     not RUNTIME.shared,

@@ -14,22 +14,22 @@ from twisted.logger import Logger
 
 from twisted.internet.defer import Deferred
 
-from twisted_sesscache.clienthello import ClientHello
-from twisted_sesscache.connection import WatchedConnection
-from twisted_sesscache.external import ExternalSessions
+from twisted_sesscache.tls.clienthello import ClientHello
+from twisted_sesscache.tls.connection import WatchedConnection
+from twisted_sesscache.server.external import ExternalSessions
 from twisted_sesscache.modes import CacheMode
-from twisted_sesscache.runtime import COUNTERS, RUNTIME, NeedsSharedOpenSSL, OpenSSLAccess
+from twisted_sesscache._openssl.access import COUNTERS, RUNTIME, NeedsSharedOpenSSL, OpenSSLAccess
 from twisted_sesscache.sealing import KEY_BYTES, Sealer
 from twisted_sesscache.stores import SessionStore
 from twisted_sesscache.stores.memory import MemoryStore
-from twisted_sesscache.tickets import SharedTicketKeys
+from twisted_sesscache.server.tickets import SharedTicketKeys
 
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT
 DEFAULT_TIMEOUT = 300
 SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
 
 if TYPE_CHECKING:
-    from twisted_sesscache.client import ClientSessionCache
+    from twisted_sesscache.client.cache import ClientSessionCache
 
 # A scheduled flush catches up on at most this many seconds (a slice each):
 # after a long pause or a clock jump, the first slice takes the rest at once.
@@ -167,7 +167,7 @@ class SessionCache:
 
     def server_context_factory(self, options: Any) -> Any:
         """Wrap a ``CertificateOptions`` (or any server connection creator) to use this cache."""
-        from twisted_sesscache.server import SessionServerCreator
+        from twisted_sesscache.server.creator import SessionServerCreator
 
         return SessionServerCreator(self, options)
 
@@ -175,7 +175,7 @@ class SessionCache:
     def client(self) -> ClientSessionCache:
         """The client side: sessions this process offers when it connects out."""
         if self._client is None:
-            from twisted_sesscache.client import ClientSessionCache
+            from twisted_sesscache.client.cache import ClientSessionCache
 
             self._client = ClientSessionCache(self)
         return self._client

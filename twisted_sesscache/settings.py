@@ -15,7 +15,7 @@ from OpenSSL import SSL
 
 from twisted_sesscache.cache import DEFAULT_TIMEOUT, SESSION_ID_CONTEXT_MAX, SessionCache
 from twisted_sesscache.modes import CacheMode
-from twisted_sesscache.runtime import NeedsSharedOpenSSL
+from twisted_sesscache._openssl.access import NeedsSharedOpenSSL
 
 # Setting names, as SessionCache calls them; values are strings or None (not given).
 SETTINGS = (

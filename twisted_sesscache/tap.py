@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from twisted_sesscache import __version__
 from twisted_sesscache.cache import DEFAULT_TIMEOUT, SESSION_ID_CONTEXT_MAX, SessionCache
-from twisted_sesscache.runtime import RUNTIME
+from twisted_sesscache._openssl.access import RUNTIME
 from twisted_sesscache.settings import cache_from_strings, certificate_from_strings, spelling
 
 # How twistd spells each setting, for error messages (see settings.py).

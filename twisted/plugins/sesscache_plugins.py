@@ -42,12 +42,12 @@ sesscacheEndpoint = _SessionCacheEndpointParser()
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
 class _SessionTLSClientParser:
-    """``sesscache-tls:HOST:PORT:...``, Twisted's ``tls:`` with resumption; see twisted_sesscache.client_endpoints."""
+    """``sesscache-tls:HOST:PORT:...``, Twisted's ``tls:`` with resumption; see twisted_sesscache.client.endpoints."""
 
     prefix = "sesscache-tls"
 
     def parseStreamClient(self, reactor: Any, *args: Any, **kwargs: Any) -> Any:
-        from twisted_sesscache.client_endpoints import parser
+        from twisted_sesscache.client.endpoints import parser
 
         return parser.parseStreamClient(reactor, *args, **kwargs)
 

@@ -33,12 +33,12 @@ from twisted.logger import Logger
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from twisted_sesscache.client_store import SharedClientSessions
-from twisted_sesscache.client_sessions import DEFAULT_CLIENT_SIZE, DEFAULT_PER_KEY, ClientSessions, Entry
-from twisted_sesscache.connection import WatchedConnection
+from twisted_sesscache.client.shared import SharedClientSessions
+from twisted_sesscache.client.sessions import DEFAULT_CLIENT_SIZE, DEFAULT_PER_KEY, ClientSessions, Entry
+from twisted_sesscache.tls.connection import WatchedConnection
 from twisted_sesscache.modes import CacheMode
-from twisted_sesscache.runtime import RUNTIME, OpenSSLAccess
-from twisted_sesscache.session_der import session_facts
+from twisted_sesscache._openssl.access import RUNTIME, OpenSSLAccess
+from twisted_sesscache.tls.session_der import session_facts
 from twisted_sesscache.trust import fingerprint, resolve_trust_root, trust_fingerprint
 
 if TYPE_CHECKING:

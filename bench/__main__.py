@@ -1,4 +1,4 @@
-"""``python -m twisted_sesscache.bench [--quick]``: measure, then write docs/benchmarks.md and its chart.
+"""``python -m bench [--quick]``: measure, then write docs/benchmarks.md and its chart.
 
 The plan (which configurations, keys, TLS versions, how long) is decided
 here; servers.py starts and stops the servers, load.py drives them, stall.py
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted_sesscache.bench import load, report, servers, stall
+from bench import load, report, servers, stall
 
 DOCS = servers.PACKAGE_ROOT / "docs" / "benchmarks.md"
 QUICK_OUTPUT = servers.PACKAGE_ROOT / "build" / "bench-quick" / "benchmarks.md"
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stall" in parts:
             results["stall"] = stall.measure(list(settings.stall_sizes), settings.stall_repeats)
         if args.profile if args.profile is not None else not settings.quick:
-            from twisted_sesscache.bench import profiling
+            from bench import profiling
 
             profiled = profiling.profile(certificates[settings.keys[0]], settings, workdir)
             results["profile"] = profiled if isinstance(profiled, list) else {"unavailable": profiled}
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m twisted_sesscache.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="TLS 1.2 RSA only, short runs (under 2 minutes)")
     parser.add_argument("--only", help=f"comma-separated configurations ({', '.join(servers.BY_NAME)})")
     parser.add_argument("--keys", help="comma-separated key types: rsa,ecdsa")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def importable(module: str) -> Check:
 def bench_server(config: str) -> Command:
     """The bench's own Twisted server (tlsserver.py) in one of its configurations."""
     return template(
-        "{python}", "-m", "twisted_sesscache.bench.tlsserver", config,
+        "{python}", "-m", "bench.tlsserver", config,
         "--port", "{port}", "--certificate", "{cert}", "--private-key", "{key}",
     )  # fmt: skip
 

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
-from twisted_sesscache.clienthello import ClientHello, ClientHelloError, parse_client_hello
-from twisted_sesscache.runtime import RUNTIME, OpenSSLAccess
+from twisted_sesscache.tls.clienthello import ClientHello, ClientHelloError, parse_client_hello
+from twisted_sesscache._openssl.access import RUNTIME, OpenSSLAccess
 
 # What OpenSSL says when a peer closes without close_notify; Twisted turns an
 # error with this reason into ConnectionLost (tls._representsEOF).

@@ -1,4 +1,4 @@
-"""``python -m twisted_sesscache.bench``: twisted-sesscache side by side with plain Twisted, nginx and s_server.
+"""``python -m bench``: twisted-sesscache side by side with plain Twisted, nginx and s_server.
 
 Modules: servers (the configurations and their processes), tlsserver (the
 Twisted server they start), load (the one load generator), stall (flush

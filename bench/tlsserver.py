@@ -1,6 +1,6 @@
 """A tiny Twisted TLS server, one of three configurations, for the bench to start as a subprocess.
 
-Run as ``python -m twisted_sesscache.bench.tlsserver CONFIG --port N --certificate C
+Run as ``python -m bench.tlsserver CONFIG --port N --certificate C
 --private-key K``. Every request gets the same small HTTP/1.0 answer and a clean
 TLS close, so that the servers differ only in how they handle sessions. The
 path ``/stats`` answers with the cache statistics and the process's RSS instead,

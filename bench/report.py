@@ -2,7 +2,7 @@
 
 Everything is computed from the results dictionary that ``__main__`` builds
 (and can dump as JSON), so the report can be rebuilt without measuring again
-(``python -m twisted_sesscache.bench --from-json results.json``).
+(``python -m bench --from-json results.json``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CREATION_RATE = 1000  # as in stall.py; kept here so that the report needs no Op
 def machine() -> dict[str, Any]:
     """What the numbers were measured on; the load average tells how busy it was."""
     import twisted
-    from twisted_sesscache.runtime import RUNTIME
+    from twisted_sesscache._openssl.access import RUNTIME
 
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -262,7 +262,7 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     out += [
         "# Benchmarks",
         "",
-        f"Measured by `python -m twisted_sesscache.bench{' --quick' if mode == 'quick' else ''}` "
+        f"Measured by `python -m bench{' --quick' if mode == 'quick' else ''}` "
         f"(`make bench{'-quick' if mode == 'quick' else ''}`) on {info.get('date', 'an unknown date')}, "
         f"{mode} mode, in {results.get('elapsed', 0):.0f} s. Everything runs on one machine over loopback: "
         "the numbers are for comparing the configurations with each other, not for capacity planning.",

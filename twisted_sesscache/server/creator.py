@@ -9,7 +9,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from twisted_sesscache.connection import WatchedConnection
+from twisted_sesscache.tls.connection import WatchedConnection
 
 if TYPE_CHECKING:
     from twisted_sesscache.cache import SessionCache

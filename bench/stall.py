@@ -1,7 +1,7 @@
 """How long flushing expired sessions holds the reactor, and what a cached session costs in memory.
 
 Each population size runs in its own subprocess (``python -m
-twisted_sesscache.bench.stall --sessions N``) with its own reactor, so that
+bench.stall --sessions N``) with its own reactor, so that
 RSS deltas start from a clean heap. Handshakes are far too slow to fill a
 cache with 100,000 sessions, so one real server session is made in memory and
 copied N times with distinct session IDs straight into the ``SSL_CTX`` cache.
@@ -263,7 +263,7 @@ def store_scenario(count: int, template: bytes, clock: Any) -> Any:
     """Fill a MemoryStore with ``count`` sealed records, expire them all at once, watch the timer."""
     from twisted.internet import defer
 
-    from twisted_sesscache.external import SESSION_KIND, ExternalSessions
+    from twisted_sesscache.server.external import SESSION_KIND, ExternalSessions
     from twisted_sesscache.sealing import Sealer
     from twisted_sesscache.stores.memory import MemoryStore
 
@@ -341,7 +341,7 @@ def measure(sizes: list[int], repeats: int = 1, timeout: float = 300.0) -> list[
     machine can only make the timer later, so for each scenario the
     least-disturbed repeat (the lowest worst lateness) is kept.
     """
-    from twisted_sesscache.runtime import RUNTIME
+    from twisted_sesscache._openssl.access import RUNTIME
 
     if not RUNTIME.shared:
         reason = f"needs the shared-OpenSSL runtime (this is {RUNTIME.name})"
@@ -364,11 +364,11 @@ def measure(sizes: list[int], repeats: int = 1, timeout: float = 300.0) -> list[
 
 
 def _one_child(count: int, timeout: float) -> dict[str, Any]:
-    from twisted_sesscache.bench.servers import child_environment
+    from bench.servers import child_environment
 
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "twisted_sesscache.bench.stall", "--sessions", str(count)],
+            [sys.executable, "-m", "bench.stall", "--sessions", str(count)],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -19,8 +19,8 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, DeferredList
 
-from twisted_sesscache.clienthello import ClientHello
-from twisted_sesscache.runtime import OpenSSLAccess
+from twisted_sesscache.tls.clienthello import ClientHello
+from twisted_sesscache._openssl.access import OpenSSLAccess
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.stores import SessionStore
 from twisted_sesscache.stores.sealed import SealedRecords

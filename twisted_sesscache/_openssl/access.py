@@ -491,7 +491,7 @@ def _connection_of(ffi: Any, ssl: Any) -> SSL.Connection | None:
 def _report(exception_type: type[BaseException], value: BaseException, traceback: Any) -> None:
     from twisted.logger import Logger
 
-    Logger(namespace="twisted_sesscache.runtime").failure(
+    Logger(namespace="twisted_sesscache._openssl.access").failure(
         "Session-cache callback failed; the handshake goes on without it",
         Failure(value, exception_type, traceback),
     )

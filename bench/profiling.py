@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from twisted_sesscache.bench import load, servers
+from bench import load, servers
 
 PROFILED = ("twisted-sessions", "sesscache-memory", "sesscache-memstore")
 SECONDS = 5.0

@@ -1,0 +1,1 @@
+"""The server side: connection creator, external store wiring, shared ticket keys, flush schedule."""

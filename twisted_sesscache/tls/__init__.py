@@ -1,0 +1,1 @@
+"""TLS details below the session cache: the watched connection, ClientHello parsing, encoded sessions."""
