@@ -36,7 +36,7 @@ CREATION_RATE = 1000  # as in stall.py; kept here so that the report needs no Op
 def machine() -> dict[str, Any]:
     """What the numbers were measured on; the load average tells how busy it was."""
     import twisted
-    from twisted_sesscache._openssl.access import RUNTIME
+    from twisted_sesscache import RUNTIME
 
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),

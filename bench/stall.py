@@ -341,7 +341,7 @@ def measure(sizes: list[int], repeats: int = 1, timeout: float = 300.0) -> list[
     machine can only make the timer later, so for each scenario the
     least-disturbed repeat (the lowest worst lateness) is kept.
     """
-    from twisted_sesscache._openssl.access import RUNTIME
+    from twisted_sesscache import RUNTIME
 
     if not RUNTIME.shared:
         reason = f"needs the shared-OpenSSL runtime (this is {RUNTIME.name})"

@@ -28,7 +28,7 @@ from twisted_sesscache.client.cache import ClientSessionCache
 from twisted_sesscache.client.sessions import ClientSessions, Entry
 from twisted_sesscache.tls.session_der import session_facts
 from twisted_sesscache.trust import load_client_certificate, load_trust_root
-from twisted_sesscache._openssl.access import RUNTIME
+from twisted_sesscache import RUNTIME
 
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 VERSIONS = ["1.2", "1.3"]

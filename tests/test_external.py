@@ -17,7 +17,8 @@ from tests.support import RedisProcess, ReactorThread, TLSFiles, s_client, tls_s
 from twisted_sesscache import RUNTIME, SessionCache
 from twisted_sesscache.certs import certificate_options
 from twisted_sesscache.sealing import Sealer
-from twisted_sesscache.stores import SessionStore, store_from_url
+from twisted_sesscache.interfaces import ISessionStore
+from twisted_sesscache.stores import store_from_url
 from twisted_sesscache.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.skipif(
@@ -30,7 +31,7 @@ KEY = bytes(range(32))
 
 
 @contextmanager
-def fleet(rt: ReactorThread, files: TLSFiles, store: SessionStore, count: int = 3, **kwargs: Any) -> Iterator[tuple[list[int], list[SessionCache]]]:
+def fleet(rt: ReactorThread, files: TLSFiles, store: ISessionStore, count: int = 3, **kwargs: Any) -> Iterator[tuple[list[int], list[SessionCache]]]:
     """``count`` listeners sharing one store, as ``count`` processes would.
 
     The store timeout is generous unless a test sets it, so that a loaded
@@ -48,7 +49,7 @@ def fleet(rt: ReactorThread, files: TLSFiles, store: SessionStore, count: int = 
         yield ports, caches
 
 
-def redis_store(rt: ReactorThread, redis: RedisProcess) -> SessionStore:
+def redis_store(rt: ReactorThread, redis: RedisProcess) -> ISessionStore:
     store = rt.call(store_from_url, redis.url)
     return store
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from twisted_sesscache import RUNTIME, NeedsSharedOpenSSL, SessionCache
-from twisted_sesscache._openssl.access import BUNDLED, SHARED
+from twisted_sesscache._openssl import BUNDLED, SHARED
 
 
 def test_runtime_is_the_one_this_run_asked_for() -> None:

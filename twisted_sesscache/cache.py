@@ -18,9 +18,10 @@ from twisted_sesscache.tls.clienthello import ClientHello
 from twisted_sesscache.tls.connection import WatchedConnection
 from twisted_sesscache.server.external import ExternalSessions
 from twisted_sesscache.modes import CacheMode
-from twisted_sesscache._openssl.access import COUNTERS, RUNTIME, NeedsSharedOpenSSL, OpenSSLAccess
+from twisted_sesscache._openssl import COUNTERS, OpenSSLAccess, runtime as openssl_runtime
+from twisted_sesscache.exceptions import NeedsSharedOpenSSL
 from twisted_sesscache.sealing import KEY_BYTES, Sealer
-from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores.memory import MemoryStore
 from twisted_sesscache.server.tickets import SharedTicketKeys
 
@@ -62,11 +63,12 @@ class SessionCache:
         tickets: bool | str = False,
         ticket_key_rotation: float = 3600,
         keep_sessions_on_truncation: bool = True,
-        store: SessionStore | None = None,
+        store: ISessionStore | None = None,
         store_keys: list[bytes] | None = None,
         store_timeout: float = 0.05,
-        runtime: OpenSSLAccess = RUNTIME,
+        runtime: OpenSSLAccess | None = None,
     ) -> None:
+        runtime = runtime or openssl_runtime()
         mode = CacheMode.parse(mode) if isinstance(mode, str) else CacheMode(mode)
         if size is not None and size < 0:
             raise ValueError(f"session cache size must be 0 (no limit) or more, not {size}")
@@ -80,9 +82,9 @@ class SessionCache:
             raise ValueError(f"session-ID context must be 1 to {SESSION_ID_CONTEXT_MAX} bytes long")
         if not runtime.shared:
             if size is not None:
-                raise NeedsSharedOpenSSL("A session cache size limit")
+                raise NeedsSharedOpenSSL("A session cache size limit", runtime.version)
             if flush_interval:
-                raise NeedsSharedOpenSSL("A scheduled flush of expired sessions")
+                raise NeedsSharedOpenSSL("A scheduled flush of expired sessions", runtime.version)
         if store is not None and not store_keys:
             if not isinstance(store, MemoryStore):
                 raise ValueError(
@@ -96,7 +98,7 @@ class SessionCache:
             if store is None:
                 raise ValueError("shared ticket keys need a store (store=..., --store URL)")
             if not runtime.shared:
-                raise NeedsSharedOpenSSL("Shared TLS ticket keys")
+                raise NeedsSharedOpenSSL("Shared TLS ticket keys", runtime.version)
         if store_timeout <= 0:
             raise ValueError(f"store timeout must be a positive number of seconds, not {store_timeout}")
         if flush_interval:

@@ -16,8 +16,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions
 
 
-class CertificateError(ValueError):
-    """A certificate or key that cannot be used; the message names the file."""
+from twisted_sesscache.exceptions import CertificateError
 
 
 def generate_self_signed(

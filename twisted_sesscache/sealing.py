@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from twisted_sesscache.exceptions import KeyFileError, SealError
+
 __all__ = [
     "KEY_BYTES",
     "KeyFileError",
@@ -42,12 +44,6 @@ _HEADER_BYTES = len(_VERSION) + _KEY_ID_BYTES + _NONCE_BYTES
 _KEY_ID_LABEL = b"twisted_sesscache sealing key id v1\x00"
 
 
-class SealError(ValueError):
-    """A record that does not open: wrong key, wrong context or kind, truncated, tampered, foreign."""
-
-
-class KeyFileError(ValueError):
-    """A key file that cannot be used; the message names the path and the fix."""
 
 
 def key_id(key: bytes) -> bytes:

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from twisted_sesscache import __version__
 from twisted_sesscache.cache import DEFAULT_TIMEOUT, SESSION_ID_CONTEXT_MAX, SessionCache
-from twisted_sesscache._openssl.access import RUNTIME
+from twisted_sesscache._openssl import runtime as openssl_runtime
 from twisted_sesscache.settings import cache_from_strings, certificate_from_strings, spelling
 
 # How twistd spells each setting, for error messages (see settings.py).
@@ -316,7 +316,7 @@ def version_text() -> str:
     import twisted
 
     return (f"twisted-sesscache {__version__} (Twisted {twisted.__version__}, pyOpenSSL {OpenSSL.__version__})\n"
-            f"runtime: {RUNTIME.describe()}")
+            f"runtime: {openssl_runtime().describe()}")
 
 
 # -- services -------------------------------------------------------------------------
@@ -347,7 +347,7 @@ class SessionCacheService(service.Service):
         if self._announced:
             return
         self._announced = True
-        self.log.info("twisted-sesscache {version}, {runtime}", version=__version__, runtime=RUNTIME.describe())
+        self.log.info("twisted-sesscache {version}, {runtime}", version=__version__, runtime=openssl_runtime().describe())
         for note in self.notes:
             self.log.info("{note}", note=note)
 

@@ -21,6 +21,9 @@ from OpenSSL import SSL
 from twisted.python.failure import Failure
 from OpenSSL._util import ffi as _pyffi, lib as _pylib
 
+from twisted_sesscache.exceptions import NeedsSharedOpenSSL
+from twisted_sesscache.interfaces import ITicketKeySource as TicketKeySource, TicketKey
+
 SHARED = "shared-openssl"
 BUNDLED = "bundled-openssl"
 
@@ -78,20 +81,6 @@ int EVP_MAC_CTX_set_params(void *ctx, const OSSL_PARAM *params);
 """
 
 
-class NeedsSharedOpenSSL(RuntimeError):
-    """An operation OpenSSL offers but this process's pyOpenSSL cannot reach."""
-
-    def __init__(self, operation: str) -> None:
-        super().__init__(
-            f"{operation} needs the shared-OpenSSL runtime, but pyOpenSSL here "
-            f"runs on cryptography's bundled {openssl_version()}, which hides "
-            "that part of OpenSSL. Install pyOpenSSL linked against the system "
-            "libssl (Debian/Ubuntu: apt install python3-openssl "
-            "python3-cryptography python3-cffi, then a venv made with "
-            "--system-site-packages); see docs/runtimes.md."
-        )
-
-
 def openssl_version() -> str:
     """The OpenSSL that pyOpenSSL runs on, as it names itself."""
     return _pyffi.string(_pylib.OpenSSL_version(0)).decode("ascii", "replace")
@@ -146,14 +135,14 @@ class OpenSSLAccess:
         return (
             f"{self.name} ({self.version}): flush, add/remove, cache size, "
             "OpenSSL's own counters and the server-side external store are "
-            "unavailable (see docs/runtimes.md)"
+            "unavailable: they need pyOpenSSL on the system libssl"
         )
 
     # -- helpers ---------------------------------------------------------
 
     def _need(self, operation: str) -> Any:
         if self._lib is None:
-            raise NeedsSharedOpenSSL(operation)
+            raise NeedsSharedOpenSSL(operation, self.version)
         return self._lib
 
     def _ptr(self, cdata: Any) -> Any:
@@ -174,7 +163,8 @@ class OpenSSLAccess:
             if self._lib is None:
                 raise NeedsSharedOpenSSL(
                     "Re-enabling tickets on a context made with OP_NO_TICKET "
-                    "(pass CertificateOptions(enableSessionTickets=True) instead)"
+                    "(pass CertificateOptions(enableSessionTickets=True) instead)",
+                    self.version,
                 )
             self._lib.SSL_CTX_clear_options(self._ptr(context._context), SSL.OP_NO_TICKET)
 
@@ -464,18 +454,6 @@ RemoveSessionCallback = Callable[[SSL.Session], None]
 GetSessionCallback = Callable[["SSL.Connection | None", bytes], "bytes | None"]
 
 
-class TicketKey(NamedTuple):
-    name: bytes  # 16 bytes, sent in every ticket
-    aes: bytes  # 32 bytes, AES-256-CBC
-    hmac: bytes  # 32 bytes, HMAC-SHA256
-
-
-class TicketKeySource(Protocol):
-    def current(self) -> TicketKey | None: ...
-
-    def find(self, name: bytes) -> tuple[TicketKey, bool] | None: ...
-
-
 class _Handlers(NamedTuple):
     new: NewSessionCallback | None
     remove: RemoveSessionCallback | None
@@ -503,6 +481,5 @@ def _drain_errors() -> None:
         pass
 
 
-RUNTIME = OpenSSLAccess(_open_shared())
 
-__all__: list[str] = ["BUNDLED", "COUNTERS", "NeedsSharedOpenSSL", "OpenSSLAccess", "RUNTIME", "SHARED"]
+__all__: list[str] = ["BUNDLED", "COUNTERS", "NeedsSharedOpenSSL", "OpenSSLAccess", "SHARED"]

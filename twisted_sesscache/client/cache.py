@@ -37,7 +37,7 @@ from twisted_sesscache.client.shared import SharedClientSessions
 from twisted_sesscache.client.sessions import DEFAULT_CLIENT_SIZE, DEFAULT_PER_KEY, ClientSessions, Entry
 from twisted_sesscache.tls.connection import WatchedConnection
 from twisted_sesscache.modes import CacheMode
-from twisted_sesscache._openssl.access import RUNTIME, OpenSSLAccess
+from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
 from twisted_sesscache.tls.session_der import session_facts
 from twisted_sesscache.trust import fingerprint, resolve_trust_root, trust_fingerprint
 
@@ -111,7 +111,7 @@ class ClientSessionCache:
         if keep_sessions_on_truncation is None:
             keep_sessions_on_truncation = getattr(parent, "keep_sessions_on_truncation", True)
         self.keep_sessions_on_truncation: bool = keep_sessions_on_truncation
-        self.runtime: OpenSSLAccess = runtime if runtime is not None else getattr(parent, "runtime", RUNTIME)
+        self.runtime: OpenSSLAccess = runtime if runtime is not None else getattr(parent, "runtime", None) or openssl_runtime()
         self.clock = clock
         self.shared: SharedClientSessions | None = None
         store, sealer = getattr(parent, "store", None), getattr(parent, "sealer", None)

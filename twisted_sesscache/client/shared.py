@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from twisted_sesscache.sealing import Sealer
-from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores.sealed import SealedRecords
 
 KIND = b"client-session"
@@ -24,7 +24,7 @@ _TLS13, _TLS12 = b"\x13", b"\x12"
 class SharedClientSessions:
     """The store side of the client cache: publish what was learned, fetch what is missing."""
 
-    def __init__(self, store: SessionStore, sealer: Sealer, *, timeout: float = 0.05, reactor: Any = None) -> None:
+    def __init__(self, store: ISessionStore, sealer: Sealer, *, timeout: float = 0.05, reactor: Any = None) -> None:
         self.records = SealedRecords(store, sealer, KIND, timeout=timeout, reactor=reactor)
 
     @property

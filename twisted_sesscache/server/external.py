@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted_sesscache.tls.clienthello import ClientHello
 from twisted_sesscache._openssl.access import OpenSSLAccess
 from twisted_sesscache.sealing import Sealer
-from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores.sealed import SealedRecords
 
 # A stateful ticket's PSK identity is the session ID, at most 32 bytes; a
@@ -39,7 +39,7 @@ class ExternalSessions:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: ISessionStore,
         sealer: Sealer,
         runtime: OpenSSLAccess,
         *,

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from twisted_sesscache._openssl.access import TicketKey
 from twisted_sesscache.sealing import SealError, Sealer
-from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.interfaces import ISessionStore
 
 KIND = b"ticket-key"
 CONTEXT = b"twisted-sesscache ticket keys"
@@ -34,7 +34,7 @@ class SharedTicketKeys:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: ISessionStore,
         sealer: Sealer,
         *,
         rotation: float = 3600,

@@ -8,10 +8,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from twisted_sesscache.interfaces import IExpiringStore
 
 
+@implementer(IExpiringStore)
 class MemoryStore:
     """A dict with expiry and an entry limit; answers at once."""
+
+    shared = False  # records never leave the process: a random sealing key will do
 
     def __init__(self, max_entries: int = 20480, clock: Callable[[], float] = time.monotonic) -> None:
         if max_entries <= 0:
@@ -53,9 +59,17 @@ class MemoryStore:
         self.set(key, value, ttl)
         return succeed(True)
 
+    def take(self, key: bytes) -> Deferred[bytes | None]:
+        found = self.get(key).result
+        self._entries.pop(key, None)
+        return succeed(found)
+
     def delete(self, key: bytes) -> Deferred[None]:
         self._entries.pop(key, None)
         return succeed(None)
+
+    def stats(self) -> dict[str, int]:
+        return {"store_errors": 0, "store_entries": len(self._entries)}
 
     def expire(self, budget: int | None = None) -> int:
         """Drop expired entries, oldest first, at most ``budget`` of them; returns how many went.

@@ -9,12 +9,13 @@ import txredisapi
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_sesscache.exceptions import StoreUnavailable
+from twisted_sesscache.interfaces import ISessionStore
 
 
-class StoreUnavailable(Exception):
-    """The store did not take the request: too many already waiting, or no connection."""
-
-
+@implementer(ISessionStore)
 class RedisStore:
     """Bounded, time-limited Redis calls; failures are counted and reported, never raised into a handshake.
 
@@ -24,6 +25,7 @@ class RedisStore:
     """
 
     log = Logger()
+    shared = True
 
     def __init__(
         self,
@@ -134,8 +136,14 @@ class RedisStore:
         added = self._call("set", self.prefix + key, value, expire=int(ttl), only_if_not_exists=True)
         return added.addCallback(bool)
 
+    def take(self, key: bytes) -> Deferred[bytes | None]:
+        return self._call("execute_command", "GETDEL", self.prefix + key)
+
     def delete(self, key: bytes) -> Deferred[None]:
         return self._call("delete", self.prefix + key)
+
+    def stats(self) -> dict[str, int]:
+        return {"store_errors": self.errors}
 
     def close(self) -> Deferred[None]:
         return self._redis.disconnect()

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from twisted_sesscache.sealing import SealError, Sealer
-from twisted_sesscache.stores import SessionStore
+from twisted_sesscache.interfaces import ISessionStore
 
 COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_rejected", "store_writes")
 
@@ -25,7 +25,7 @@ class SealedRecords:
     log = Logger()
 
     def __init__(
-        self, store: SessionStore, sealer: Sealer, kind: bytes, *, timeout: float, reactor: Any = None
+        self, store: ISessionStore, sealer: Sealer, kind: bytes, *, timeout: float, reactor: Any = None
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor

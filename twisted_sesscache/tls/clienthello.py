@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted_sesscache.exceptions import ClientHelloError
+
 __all__ = ["MAX_HELLO_BYTES", "ClientHello", "ClientHelloError", "parse_client_hello"]
 
 #: The hello must be complete within this many bytes of the stream, so that a
@@ -36,10 +38,6 @@ _EXT_PRE_SHARED_KEY = 41
 _EXT_SUPPORTED_VERSIONS = 43
 
 _Buf = bytes | memoryview
-
-
-class ClientHelloError(ValueError):
-    """The bytes are not a well-formed TLS ClientHello."""
 
 
 class _NeedMore(Exception):

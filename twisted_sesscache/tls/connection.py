@@ -17,7 +17,7 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
 from twisted_sesscache.tls.clienthello import ClientHello, ClientHelloError, parse_client_hello
-from twisted_sesscache._openssl.access import RUNTIME, OpenSSLAccess
+from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
 
 # What OpenSSL says when a peer closes without close_notify; Twisted turns an
 # error with this reason into ConnectionLost (tls._representsEOF).
@@ -49,7 +49,7 @@ class WatchedConnection:
         *,
         keep_session_on_eof: bool = True,
         read_hello: bool = False,
-        runtime: OpenSSLAccess = RUNTIME,
+        runtime: OpenSSLAccess | None = None,
     ) -> None:
         self.connection = connection
         self.handshake_complete = False
@@ -57,7 +57,7 @@ class WatchedConnection:
         self.hello: ClientHello | None = None
         self._observer = observer
         self._keep_session_on_eof = keep_session_on_eof
-        self._runtime = runtime
+        self._runtime = runtime or openssl_runtime()
         self._started = False
         self._waiting = False
         self._closed = False
