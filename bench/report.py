@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from twisted_sesscache.cache import STORE_EXPIRY_BUDGET
+from twisted_sesscache.sharing import STORE_EXPIRY_BUDGET
 
 BASELINE = "twisted-sessions"  # bare Twisted CertificateOptions(enableSessions=True)
 CEILING = "openssl-s_server"

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted_sesscache.cache import STORE_EXPIRY_BUDGET
+from twisted_sesscache.sharing import STORE_EXPIRY_BUDGET
 
 PROBE_INTERVAL = 0.001
 CREATION_RATE = 1000  # sessions per second for the "sliced" population
@@ -173,7 +173,7 @@ def run_scenarios(count: int, workdir: Path) -> Any:
         probe = Probe(reactor)
         probe.start()
         timings: list[float] = []
-        flush_slice = cache._flush_until  # what each reactor turn of the loop calls
+        flush_slice = cache.flushing.flush_until  # what each reactor turn of the loop calls
 
         def timed_slice(moment: int) -> int:
             started = time.perf_counter()
@@ -182,7 +182,7 @@ def run_scenarios(count: int, workdir: Path) -> Any:
             finally:
                 timings.append((time.perf_counter() - started) * 1000)
 
-        cache._flush_until = timed_slice  # type: ignore[method-assign]
+        cache.flushing.flush_until = timed_slice  # type: ignore[method-assign]
         yield _sleep(reactor, 0.2)
         baseline = probe.take()
         cache.start(reactor)

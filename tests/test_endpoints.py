@@ -78,7 +78,7 @@ def test_listening_runs_the_flush_loop_until_the_last_port_stops(
     endpoint = endpoint_for(description(tls_files, flushInterval="10", size="100"))
     cache, clock = endpoint.cache, Clock()
     assert cache is not None and cache.size == 100
-    endpoint.clock = clock
+    cache.use_clock(clock)
     factory = Factory.forProtocol(InfoProtocol)
     first, second = rt.call(endpoint.listen, factory), rt.call(endpoint.listen, factory)
 

@@ -102,7 +102,7 @@ def test_bad_records_never_resume_and_never_crash(
         assert s_client(ports[0], sess_out=session) == "New"
         time.sleep(0.05)
         ((key, (expires, record)),) = store._entries.items()
-        sid_context = caches[0]._sid_contexts[id(caches[0].contexts[0])]
+        sid_context = caches[0].server.session_id_context(caches[0].contexts[0])
         if corruption == "other-key":
             record = Sealer([os.urandom(32)]).seal(b"anything", kind=b"session", context=b"x")
         elif corruption == "truncated":

@@ -303,13 +303,13 @@ def fetch_through(port: int) -> bytes:
     context.verify_mode = ssl.CERT_NONE
     chunks = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw) as tls:
-            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            try:
+        try:
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
                 while chunk := tls.recv(65536):
                     chunks.append(chunk)
-            except (ConnectionResetError, ssl.SSLEOFError):
-                pass
+        except (ConnectionResetError, ssl.SSLEOFError):
+            pass
     return b"".join(chunks)
 
 

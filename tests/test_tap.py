@@ -23,6 +23,7 @@ from twisted.python import usage
 
 from tests.support import ReactorThread, TLSFiles, free_port, resume_series, wait_for_port
 from twisted_sesscache import RUNTIME, CacheMode, SessionCache, __version__
+from twisted_sesscache.config import Tickets
 from twisted_sesscache.metrics import METRICS, metric_name, registry_for
 from twisted_sesscache.tap import DEFAULT_LISTEN, Options, SessionCacheService, makeService
 
@@ -162,9 +163,9 @@ def parse(*args: str) -> Options:
 def test_defaults(tls_files: TLSFiles) -> None:
     options = parse(*files_args(tls_files))
     assert options["listen"] == DEFAULT_LISTEN == "tcp:8443:interface=127.0.0.1"
-    cache: SessionCache = options["cache"]
+    cache = SessionCache(config=options["config"])
     assert cache.store is None and cache.external is None
-    assert options["tickets"] is False
+    assert options["tickets"] is Tickets.OFF
     assert options["keep-sessions-on-truncation"] is True
     assert options["upstream"] is None and options["stats"] is None
     assert (cache.mode, cache.size, cache.timeout, cache.flush_interval) == (CacheMode.SERVER, None, 300, 0)
@@ -187,7 +188,7 @@ def test_every_option(tls_files: TLSFiles) -> None:
     assert options["listen"] == "tcp:0:interface=127.0.0.1"
     assert options["upstream"] == "tcp:127.0.0.1:8080"
     assert options["stats"] == "tcp:0:interface=127.0.0.1"
-    cache: SessionCache = options["cache"]
+    cache = SessionCache(config=options["config"])
     assert cache.mode == CacheMode.SERVER | CacheMode.NO_AUTO_CLEAR
     assert cache.timeout == 60
     assert cache.session_id_context == b"my-app"
@@ -198,7 +199,7 @@ def test_every_option(tls_files: TLSFiles) -> None:
 def test_flag_pairs_last_one_wins(tls_files: TLSFiles) -> None:
     options = parse(*files_args(tls_files), "--tickets", "--no-tickets", "--strict-truncation",
                     "--keep-sessions-on-truncation")
-    assert options["tickets"] is False and options["keep-sessions-on-truncation"] is True
+    assert options["tickets"] is Tickets.OFF and options["keep-sessions-on-truncation"] is True
 
 
 def test_certificate_with_key_in_the_same_file(tls_files: TLSFiles, tmp_path: Path) -> None:
@@ -210,14 +211,14 @@ def test_certificate_with_key_in_the_same_file(tls_files: TLSFiles, tmp_path: Pa
 @shared_only
 def test_size_and_flush_interval(tls_files: TLSFiles) -> None:
     options = parse(*files_args(tls_files), "--session-cache-size", "100", "--flush-interval", "2.5")
-    cache: SessionCache = options["cache"]
+    cache = SessionCache(config=options["config"])
     assert (cache.size, cache.flush_interval) == (100, 2.5)
     assert cache.mode == CacheMode.SERVER | CacheMode.NO_AUTO_CLEAR  # a nonzero interval implies it
 
 
 def test_flush_interval_zero_is_accepted_everywhere(tls_files: TLSFiles) -> None:
     """0 asks for nothing the bundled runtime lacks: OpenSSL keeps its own automatic clear."""
-    assert parse(*files_args(tls_files), "--flush-interval", "0")["cache"].flush_interval == 0
+    assert parse(*files_args(tls_files), "--flush-interval", "0")["config"].flush_interval == 0
 
 
 @bundled_only
@@ -300,7 +301,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_make_service_builds_the_listeners(tls_files: TLSFiles) -> None:
     options = parse(*files_args(tls_files), "--listen", "tcp:0", "--stats", "tcp:0")
     children = list(makeService(options))
-    assert isinstance(children[0], SessionCacheService) and children[0].cache is options["cache"]
+    assert isinstance(children[0], SessionCacheService) and children[0].cache.config is options["config"]
     assert [type(child) for child in children[1:]] == [StreamServerEndpointService] * 2
     assert len(list(makeService(parse(*files_args(tls_files), "--listen", "tcp:0")))) == 2
 

@@ -16,7 +16,6 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
-    IReactorTime,
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
@@ -25,17 +24,19 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from twisted_sesscache.cache import SessionCache
-from twisted_sesscache.settings import SETTINGS, cache_from_strings, certificate_from_strings, spelling, whole_number
+from twisted_sesscache.config import SETTINGS, CacheConfig, parameter_spelling, parse_as, whole_number
+from twisted_sesscache.exceptions import ConfigurationError
+from twisted_sesscache.server.certificates import server_certificate
 
 
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """Adds TLS, made by ``creator``, to the connections another endpoint accepts.
 
-    With a ``cache``, listening also starts the cache's scheduled flush on
-    ``clock``, and the flush stops when the last port this endpoint opened
-    stops listening: the endpoint then carries the whole cache lifecycle, as a
-    ``--listen`` string must when no service of ours is there to do it.
+    With a ``cache``, listening also starts the cache's scheduled flush, and
+    the flush stops when the last port this endpoint opened stops listening:
+    the endpoint then carries the whole cache lifecycle, as a ``--listen``
+    string must when no service of ours is there to do it.
     """
 
     def __init__(
@@ -44,12 +45,10 @@ class TLSServerEndpoint:
         creator: IOpenSSLServerConnectionCreator,
         *,
         cache: SessionCache | None = None,
-        clock: IReactorTime | None = None,
     ) -> None:
         self.wrapped = wrapped
         self.creator = creator
         self.cache = cache
-        self.clock = clock
         self._ports = 0
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -61,7 +60,7 @@ class TLSServerEndpoint:
     def _started(self, port: IListeningPort) -> IListeningPort:
         assert self.cache is not None
         self._ports += 1
-        self.cache.start(self.clock)
+        self.cache.start()
         return _CacheStoppingPort(port, self._stopped)
 
     def _stopped(self) -> None:
@@ -102,35 +101,8 @@ class _CacheStoppingPort:
 
 # -- the endpoint string --------------------------------------------------------
 
-PARAMETERS = (
-    "port",
-    "interface",
-    "backlog",
-    "certificate",
-    "privateKey",
-    "mode",
-    "timeout",
-    "flushInterval",
-    "size",
-    "sessionIdContext",
-    "tickets",
-    "keepSessionsOnTruncation",
-    "store",
-    "storeKeyFile",
-    "storeTimeout",
-    "ticketKeyRotation",
-)
-SPELLING = spelling(
-    {
-        "flush_interval": "flushInterval",
-        "session_id_context": "sessionIdContext",
-        "keep_sessions_on_truncation": "keepSessionsOnTruncation",
-        "store_key_file": "storeKeyFile",
-        "store_timeout": "storeTimeout",
-        "ticket_key_rotation": "ticketKeyRotation",
-        "private_key": "privateKey",
-    }
-)
+LISTENER_PARAMETERS = ("port", "interface", "backlog", "certificate", "privateKey")
+PARAMETERS = LISTENER_PARAMETERS + tuple(setting.parameter for setting in SETTINGS)
 
 
 def sesscache_endpoint(reactor: Any, *args: str, **kwargs: str) -> TLSServerEndpoint:
@@ -140,33 +112,32 @@ def sesscache_endpoint(reactor: Any, *args: str, **kwargs: str) -> TLSServerEndp
     """
     try:
         return _build(reactor, args, kwargs)
-    except ValueError as error:
-        raise ValueError(f"sesscache endpoint: {error}") from None
+    except ConfigurationError as error:
+        raise ConfigurationError(None, f"sesscache endpoint: {error.spelled(parameter_spelling)}") from None
 
 
 def _build(reactor: Any, args: tuple[str, ...], kwargs: dict[str, str]) -> TLSServerEndpoint:
     if len(args) > 1:
-        raise ValueError(f"one positional value (the port) expected, not {list(args)}")
+        raise ConfigurationError(None, f"one positional value (the port) expected, not {list(args)}")
     if args:
         if "port" in kwargs:
-            raise ValueError("port is given twice")
+            raise ConfigurationError("port", "given twice")
         kwargs = {**kwargs, "port": args[0]}
     unknown = sorted(set(kwargs) - set(PARAMETERS))
     if unknown:
-        raise ValueError(f"unknown parameter {unknown[0]!r}; known: {', '.join(PARAMETERS)}")
+        raise ConfigurationError(None, f"unknown parameter {unknown[0]!r}; known: {', '.join(PARAMETERS)}")
     if "port" not in kwargs:
-        raise ValueError("port is required, as in sesscache:8443:certificate=cert.pem")
+        raise ConfigurationError("port", "required, as in sesscache:8443:certificate=cert.pem")
     if "certificate" not in kwargs:
-        raise ValueError("certificate=PEM is required")
+        raise ConfigurationError("certificate", "required (certificate=PEM)")
 
-    port = whole_number(kwargs["port"], "port")
-    backlog = whole_number(kwargs.get("backlog", "50"), "backlog", minimum=1)
-    cache = cache_from_strings({setting: kwargs.get(SPELLING(setting)) for setting in SETTINGS}, SPELLING)
-    options = certificate_from_strings(
-        kwargs["certificate"], kwargs.get("privateKey"), SPELLING, enableSessionTickets=cache.tickets
-    )
+    port = parse_as("port", whole_number, kwargs["port"])
+    backlog = parse_as("backlog", lambda text: whole_number(text, minimum=1), kwargs.get("backlog", "50"))
+    config = CacheConfig.from_strings({setting.name: kwargs.get(setting.parameter) for setting in SETTINGS})
+    options = server_certificate(kwargs["certificate"], kwargs.get("privateKey"), tickets=bool(config.tickets))
+    cache = SessionCache(config=config, clock=reactor)
     tcp = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=kwargs.get("interface", ""))
-    return TLSServerEndpoint(tcp, cache.server_context_factory(options), cache=cache, clock=reactor)
+    return TLSServerEndpoint(tcp, cache.server_context_factory(options), cache=cache)
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)

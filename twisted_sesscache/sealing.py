@@ -23,13 +23,14 @@ from collections.abc import Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from twisted_sesscache.exceptions import KeyFileError, SealError
+from twisted_sesscache.exceptions import ConfigurationError, KeyFileError, SealError
 
 __all__ = [
     "KEY_BYTES",
     "KeyFileError",
     "SealError",
     "Sealer",
+    "check_key_file",
     "key_id",
     "load_or_create_key_file",
 ]
@@ -179,6 +180,26 @@ def _create_key_file(path: str) -> bytes:
         os.unlink(tmp)
     _fsync_dir(directory)
     return key
+
+
+def check_key_file(path: str | os.PathLike[str], *, setting: str) -> None:
+    """Refuse, naming ``setting``, a key file that exists and cannot be used or that could not be created.
+
+    Reads only: the file is created when the cache is built.
+    """
+    path = os.fspath(path)
+    try:
+        _read_key_file(path)
+    except FileNotFoundError:
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            raise ConfigurationError(
+                setting, f"cannot create key file {path}: its directory is missing or not writable"
+            ) from None
+    except KeyFileError as error:
+        raise ConfigurationError(setting, str(error)) from None
+    except OSError as exc:
+        raise ConfigurationError(setting, f"cannot read key file {path}: {exc.strerror}; {_fix_hint(path)}") from None
 
 
 def load_or_create_key_file(path: str | os.PathLike[str]) -> bytes:

@@ -96,28 +96,30 @@ class ClientSessionCache:
 
     def __init__(
         self,
-        parent: SessionCache | None = None,
         *,
         size: int = DEFAULT_CLIENT_SIZE,
         per_key: int = DEFAULT_PER_KEY,
-        timeout: int | None = None,
-        keep_sessions_on_truncation: bool | None = None,
+        timeout: int = DEFAULT_TIMEOUT,
+        keep_sessions_on_truncation: bool = True,
         runtime: OpenSSLAccess | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Any = None,
+        shared: SharedClientSessions | None = None,
     ) -> None:
-        self.parent = parent
         self.sessions = ClientSessions(size, per_key)
-        self.timeout: int = timeout if timeout is not None else getattr(parent, "timeout", DEFAULT_TIMEOUT)
-        if keep_sessions_on_truncation is None:
-            keep_sessions_on_truncation = getattr(parent, "keep_sessions_on_truncation", True)
-        self.keep_sessions_on_truncation: bool = keep_sessions_on_truncation
-        self.runtime: OpenSSLAccess = runtime if runtime is not None else getattr(parent, "runtime", None) or openssl_runtime()
-        self.clock = clock
-        self.shared: SharedClientSessions | None = None
-        store, sealer = getattr(parent, "store", None), getattr(parent, "sealer", None)
-        if store is not None and sealer is not None:
-            self.shared = SharedClientSessions(store, sealer, timeout=getattr(parent, "store_timeout", 0.05))
+        self.timeout = timeout
+        self.keep_sessions_on_truncation = keep_sessions_on_truncation
+        self.runtime: OpenSSLAccess = runtime or openssl_runtime()
+        self._clock = clock
+        self.shared = shared
         self._counts = dict.fromkeys(("connect", "connect_good", "hits", "misses", "offered", "invalidated"), 0)
+
+    @property
+    def clock(self) -> Any:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
 
     # -- creators ------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class ClientSessionCache:
 
     def take(self, key: SessionKey) -> bytes | None:
         """The session to offer for ``key`` as DER, or None; a TLS 1.3 one leaves the cache."""
-        entry = self.sessions.take(key, self.clock())
+        entry = self.sessions.take(key, self.clock.seconds())
         return None if entry is None else entry.der
 
     def remember(self, key: SessionKey, session: SSL.Session, *, tls13: bool) -> bytes | None:
@@ -226,7 +228,7 @@ class ClientSessionCache:
         facts = session_facts(der)
         if facts is not None and not facts.resumable:
             return None
-        now = self.clock()
+        now = self.clock.seconds()
         expires = now + self.timeout
         if facts is not None and facts.expiry is not None:
             expires = min(expires, facts.expiry)
@@ -244,7 +246,7 @@ class ClientSessionCache:
 
     def flush(self, now: float | None = None) -> int:
         """Remove expired sessions (the parent's reactor flush calls this)."""
-        removed = self.sessions.flush(self.clock() if now is None else now)
+        removed = self.sessions.flush(self.clock.seconds() if now is None else now)
         if removed:
             self.log.debug("Flushed {removed} expired client TLS sessions", removed=removed)
         return removed

@@ -1,4 +1,4 @@
-"""The server connection creator Twisted takes, backed by a SessionCache."""
+"""The server connection creator Twisted takes, backed by a cache's server contexts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from zope.interface import implementer
 from twisted_sesscache.tls.connection import WatchedConnection
 
 if TYPE_CHECKING:
-    from twisted_sesscache.cache import SessionCache
+    from twisted_sesscache.server.contexts import ServerContexts
 
 
 def derived_session_id_context(options: Any) -> bytes | None:
@@ -49,7 +49,7 @@ class SessionServerCreator:
     only attaches their context to the cache and watches the connection.
     """
 
-    def __init__(self, cache: SessionCache, options: Any) -> None:
+    def __init__(self, cache: ServerContexts, options: Any) -> None:
         self.cache = cache
         self.options = options
         self._sid_context = derived_session_id_context(options)

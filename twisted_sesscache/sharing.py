@@ -1,0 +1,105 @@
+"""What a cache shares through its store: the sealing key, server sessions, ticket keys, client sessions.
+
+Built once from a :class:`~twisted_sesscache.config.CacheConfig` that names a
+store; everything that reaches the store goes through the one ``Sealer``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from twisted_sesscache._openssl import OpenSSLAccess
+from twisted_sesscache.client.shared import SharedClientSessions
+from twisted_sesscache.config import CacheConfig, Tickets
+from twisted_sesscache.exceptions import ConfigurationError, KeyFileError
+from twisted_sesscache.interfaces import IExpiringStore, ISessionStore
+from twisted_sesscache.sealing import KEY_BYTES, Sealer, load_or_create_key_file
+from twisted_sesscache.server.external import ExternalSessions
+from twisted_sesscache.server.tickets import SharedTicketKeys
+from twisted_sesscache.stores import store_from_url
+
+# Records an in-process store drops per flush tick at most (a few milliseconds' work).
+STORE_EXPIRY_BUDGET = 1000
+
+
+class Sharing:
+    """The store and the pieces that use it, for one cache."""
+
+    def __init__(self, config: CacheConfig, runtime: OpenSSLAccess, clock: IReactorTime) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = _store(config, clock)
+        self.sealer = Sealer(_keys(config, self.store))
+        self.external: ExternalSessions | None = None
+        if runtime.shared:  # the bundled runtime cannot reach OpenSSL's session callbacks
+            self.external = ExternalSessions(
+                self.store, self.sealer, runtime, lookup_timeout=config.store_timeout, reactor=clock
+            )
+        self.ticket_keys: SharedTicketKeys | None = None
+        if config.tickets is Tickets.SHARED:
+            self.ticket_keys = SharedTicketKeys(
+                self.store, self.sealer, rotation=config.ticket_key_rotation, lifetime=config.timeout, reactor=clock
+            )
+        self._client: SharedClientSessions | None = None
+
+    def client_sessions(self) -> SharedClientSessions:
+        """The client side's view of the store (made on first use)."""
+        if self._client is None:
+            self._client = SharedClientSessions(
+                self.store, self.sealer, timeout=self.config.store_timeout, reactor=self.clock
+            )
+        return self._client
+
+    def start(self) -> Deferred[None] | None:
+        """Fetch shared ticket keys; a Deferred that fires once they are in hand, if any."""
+        return self.ticket_keys.start() if self.ticket_keys is not None else None
+
+    def stop(self) -> None:
+        if self.ticket_keys is not None:
+            self.ticket_keys.stop()
+
+    def expire(self) -> None:
+        """One flush tick's worth of expiry, for a store whose records nothing else expires."""
+        if IExpiringStore.providedBy(self.store):
+            self.store.expire(budget=STORE_EXPIRY_BUDGET)
+
+    def stats(self) -> dict[str, object]:
+        summary: dict[str, object] = {"store": type(self.store).__name__}
+        summary.update(self.store.stats())
+        if self.external is not None:
+            summary.update(self.external.counts)
+        return summary
+
+
+def _store(config: CacheConfig, clock: IReactorTime) -> ISessionStore:
+    if not isinstance(config.store, str):
+        if not ISessionStore.providedBy(config.store):
+            raise ConfigurationError("store", f"{config.store!r} does not provide ISessionStore")
+        return config.store
+    try:
+        return store_from_url(config.store, clock)
+    except ValueError as error:
+        raise ConfigurationError("store", str(error)) from None
+
+
+def _keys(config: CacheConfig, store: ISessionStore) -> list[bytes]:
+    if config.store_keys:
+        return list(config.store_keys)
+    if config.store_key_file is not None:
+        try:
+            return [load_or_create_key_file(config.store_key_file)]
+        except KeyFileError as error:
+            raise ConfigurationError("store_key_file", str(error)) from None
+    if store.shared:
+        raise ConfigurationError(
+            "store_key_file",
+            "a shared session store needs a sealing key that every process shares "
+            "(store_keys=[32 bytes], --store-key-file)",
+        )
+    return [os.urandom(KEY_BYTES)]  # never leaves the process
+
+
+__all__ = ["STORE_EXPIRY_BUDGET", "Sharing"]
