@@ -42,7 +42,7 @@ CLIENT_CONTEXT_MODE = CacheMode.CLIENT | CacheMode.NO_INTERNAL_STORE
 # context than the connection's, and Twisted gives every CertificateOptions
 # context a random one; client contexts prepared here all share this one.
 CLIENT_SESSION_ID_CONTEXT = b"twisted-sesscache client"
-_INTROSPECT: Any = object()  # wrap(): "read this from the wrapped creator"
+_INTROSPECT = object()  # wrap(): "read this from the wrapped creator"
 _COUNTERS = ("connect", "connect_good", "hits", "misses", "offered", "invalidated")
 
 

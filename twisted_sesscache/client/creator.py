@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, cast
 from weakref import WeakKeyDictionary
 
 from OpenSSL import SSL
@@ -103,13 +103,13 @@ class SessionClientCreator:
         )
         handshake = _ClientHandshake(self.cache, key, fill_port=self.port is None, callbacks=state.callbacks)
         _handshakes[connection] = handshake
-        # Twisted drives it as the Connection it stands in for.
-        return _ClientConnection(  # type: ignore[return-value]
+        watched = _ClientConnection(
             connection,
             handshake,
             keep_session_on_eof=self.cache.keep_sessions_on_truncation,
             runtime=self.cache.runtime,
         )
+        return cast(SSL.Connection, watched)  # Twisted drives it as the Connection it stands in for
 
 
 @dataclass
