@@ -81,7 +81,11 @@ class _TicketFirst:
     """The store as the client side reads it: ``get(base)`` takes the ticket, else gets the session.
 
     Everything else is the store's own call. A view rather than two fetches,
-    so that one lookup has one deadline and counts once.
+    so that one lookup has one deadline and counts once. Records are written
+    under the full names (``base:tls1.3``, ``base:tls1.2``) and read under the
+    base name: sealing binds the key's context and the record's kind byte, not
+    the store name (should SealedRecords bind names, this view must pass the
+    full one it read).
     """
 
     def __init__(self, store: ISessionStore) -> None:
