@@ -16,6 +16,7 @@ import pytest
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
 
 from twisted_sesscache import RUNTIME
 from twisted_sesscache.client.cache import ClientSessionCache
@@ -23,7 +24,8 @@ from twisted_sesscache.client.contexts import _states, state_of
 from twisted_sesscache.client.creator import SessionClientCreator
 from twisted_sesscache.client.key import SessionKey
 from twisted_sesscache.client.policy import SessionHTTPSPolicy
-from twisted_sesscache.client.shared import SharedClientSessions
+from twisted_sesscache.client.shared import SharedClientSessions, _TicketFirst
+from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.stores.memory import MemoryStore
 
@@ -228,6 +230,14 @@ def test_a_late_ticket_answer_then_a_hanging_session_read_shares_the_deadline() 
     clock.advance(0.02)
     assert answer == [None] and shared.counts["store_timeouts"] == 1
     assert store.waiting[1].called  # cancelled with the lookup
+
+
+def test_the_ticket_first_view_is_a_whole_store() -> None:
+    """SealedRecords is handed the view as its store: every ISessionStore call must be there."""
+    store = MemoryStore()
+    view = _TicketFirst(store)
+    verifyObject(ISessionStore, view)
+    assert view.shared is store.shared is False
 
 
 def test_stats_include_the_store_counters() -> None:
