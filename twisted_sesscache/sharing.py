@@ -49,7 +49,7 @@ class Sharing:
         """The client side's view of the store (made on first use)."""
         if self._client is None:
             self._client = SharedClientSessions(
-                self.store, self.sealer, timeout=self.config.store_timeout, reactor=self.clock
+                self.store, self.sealer, timeout=self.config.store_timeout, clock=self.clock
             )
         return self._client
 

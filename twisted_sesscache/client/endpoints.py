@@ -14,10 +14,10 @@ over with :func:`set_default_cache` so its statistics include these clients.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint, IStreamClientEndpointStringParserWithReactor
+from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint, IStreamClientEndpointStringParserWithReactor
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -59,12 +59,13 @@ class SessionTLSClientParser:
     def cache(self) -> SessionCache:
         return self._cache if self._cache is not None else default_cache()
 
-    def parseStreamClient(self, reactor: Any, *args: Any, **kwargs: Any) -> IStreamClientEndpoint:
-        return self._parse(reactor, *args, **kwargs)
+    def parseStreamClient(self, reactor: IReactorCore, *args: object, **kwargs: object) -> IStreamClientEndpoint:
+        """``reactor`` is the one ``clientFromString`` was given; the arguments are the description's strings."""
+        return self._parse(reactor, *cast("tuple[str, ...]", args), **cast("dict[str, str]", kwargs))
 
     def _parse(
         self,
-        reactor: Any,
+        reactor: IReactorCore,
         host: bytes | str,
         port: bytes | str,
         timeout: bytes | str = "30",
@@ -91,7 +92,7 @@ class SessionTLSClientParser:
             port=port_number,
         )
         if endpoint is not None:
-            wrapped = clientFromString(reactor, _text(endpoint))
+            wrapped = clientFromString(reactor, _text(endpoint))  # type: ignore[no-untyped-call]
         else:
             wrapped = HostnameEndpoint(
                 reactor,
