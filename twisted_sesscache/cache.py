@@ -192,7 +192,7 @@ class SessionCache:
         Under the bundled runtime, only what handshakes show is counted; the
         rest is ``None`` rather than a made-up zero.
         """
-        return cache_stats(self)
+        return cache_stats(self.config, self.server, self.flushing, self.sharing, self._client)
 
     # -- scheduling -------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT: what "no size given" means to OpenSSL
+DEFAULT_TIMEOUT = 300  # seconds a session lives, server and client side
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel")
 Spelling = Callable[[str], str]
 
@@ -67,7 +68,7 @@ class CacheConfig:
     mode: CacheMode = CacheMode.SERVER
     size: int | None = None
     """Most sessions OpenSSL keeps; None: OpenSSL's default (20480); 0: no limit."""
-    timeout: int = 300
+    timeout: int = DEFAULT_TIMEOUT
     flush_interval: float = 0.0
     """Seconds between reactor-driven flushes; 0 leaves it to OpenSSL's automatic flush."""
     session_id_context: bytes | None = None
@@ -302,6 +303,7 @@ def parameter_spelling(name: str) -> str:
 __all__ = [
     "BY_NAME",
     "DEFAULT_SIZE",
+    "DEFAULT_TIMEOUT",
     "SESSION_ID_CONTEXT_MAX",
     "SETTINGS",
     "CacheConfig",

@@ -13,29 +13,40 @@ from typing import TYPE_CHECKING, Any
 from twisted_sesscache._openssl import COUNTERS
 
 if TYPE_CHECKING:
-    from twisted_sesscache.cache import SessionCache
+    from twisted_sesscache.client.cache import ClientSessionCache
+    from twisted_sesscache.config import CacheConfig
+    from twisted_sesscache.server.contexts import ServerContexts
+    from twisted_sesscache.server.flush import FlushSchedule
+    from twisted_sesscache.sharing import Sharing
 
 
-def cache_stats(cache: SessionCache) -> dict[str, Any]:
-    config, server = cache.config, cache.server
+def cache_stats(
+    config: CacheConfig,
+    server: ServerContexts,
+    flushing: FlushSchedule,
+    sharing: Sharing | None,
+    client: ClientSessionCache | None,
+) -> dict[str, Any]:
+    """The summary of one cache's parts; ``client`` only once the client side is in use."""
+    runtime = server.runtime
     summary: dict[str, Any] = {
-        "runtime": cache.runtime.name,
-        "mode": cache.mode.spelled(),
+        "runtime": runtime.name,
+        "mode": config.effective_mode.spelled(),
         "size_limit": config.size_limit,
         "timeout": config.timeout,
         "contexts": len(server.contexts),
     }
-    if cache.runtime.shared:
+    if runtime.shared:
         summary.update(server.counters())
     else:
         summary.update(dict.fromkeys(COUNTERS))
         summary.update(server.observed)
-    summary["flushes"] = cache.flushing.flushes
-    summary["flushed"] = cache.flushing.flushed
-    if cache.sharing is not None:
-        summary.update(cache.sharing.stats())
-    if cache._client is not None:
-        summary["client"] = cache._client.stats()
+    summary["flushes"] = flushing.flushes
+    summary["flushed"] = flushing.flushed
+    if sharing is not None:
+        summary.update(sharing.stats())
+    if client is not None:
+        summary["client"] = client.stats()
     return summary
 
 

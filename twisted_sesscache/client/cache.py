@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReacto
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.logger import Logger
 
+from twisted_sesscache.config import DEFAULT_TIMEOUT
 from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
 from twisted_sesscache.client.contexts import ClientContextState, record, state_of
 from twisted_sesscache.client.creator import SessionClientCreator, new_session
@@ -36,7 +37,6 @@ from twisted_sesscache.modes import CacheMode
 from twisted_sesscache.tls.session_der import session_facts
 from twisted_sesscache.trust import resolve_trust_root
 
-DEFAULT_TIMEOUT = 300
 CLIENT_CONTEXT_MODE = CacheMode.CLIENT | CacheMode.NO_INTERNAL_STORE
 # OpenSSL refuses, fatally, a resumption whose session carries another session-ID
 # context than the connection's, and Twisted gives every CertificateOptions

@@ -60,9 +60,8 @@ class MemoryStore:
         return succeed(True)
 
     def take(self, key: bytes) -> Deferred[bytes | None]:
-        found = self.get(key).result
-        self._entries.pop(key, None)
-        return succeed(found)
+        entry = self._entries.pop(key, None)
+        return succeed(entry[1] if entry is not None and entry[0] > self._clock() else None)
 
     def delete(self, key: bytes) -> Deferred[None]:
         self._entries.pop(key, None)
