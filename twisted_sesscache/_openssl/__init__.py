@@ -22,10 +22,11 @@ _detected: OpenSSLAccess | None = None
 def runtime() -> OpenSSLAccess:
     """The process-wide OpenSSL access, detected on the first call."""
     global _detected
-    with _lock:
-        if _detected is None:
-            _detected = OpenSSLAccess(binding.shared())
-        return _detected
+    if _detected is None:  # the lock only for the first calls: this runs per connection
+        with _lock:
+            if _detected is None:
+                _detected = OpenSSLAccess(binding.shared())
+    return _detected
 
 
 __all__ = ["BUNDLED", "COUNTERS", "SHARED", "OpenSSLAccess", "runtime"]
