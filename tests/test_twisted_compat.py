@@ -36,6 +36,7 @@ def test_trust_root_from_certificates_keeps_its_cas(tls_files: TLSFiles) -> None
     assert found is not None and len(found) == 1
     assert found[0].digest("sha256") == certificate.digest("sha256")
     assert trust_fingerprint(root).startswith("trust=ca:")
+    assert compat.IOpenSSLTrustRoot.providedBy(root)
 
 
 def test_platform_trust_is_told_apart() -> None:
@@ -43,6 +44,7 @@ def test_platform_trust_is_told_apart() -> None:
     assert isinstance(root, compat.OpenSSLDefaultPaths)
     assert compat.is_platform_trust(root) and compat.ca_certificates(root) is None
     assert trust_fingerprint(root) == "trust=platform"
+    assert compat.IOpenSSLTrustRoot.providedBy(root)
     assert not compat.is_platform_trust(object()) and compat.ca_certificates(object()) is None
 
 

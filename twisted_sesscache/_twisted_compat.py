@@ -15,6 +15,10 @@ from typing import Any, TypeVar
 # public behaviour in a private module; the client side tells them apart to
 # fingerprint a trust root into its session keys.
 from twisted.internet._sslverify import OpenSSLCertificateAuthorities, OpenSSLDefaultPaths
+
+# Why: the interface every trust root optionsForClientTLS() takes provides;
+# public role, private module; for type hints where a trust root is passed.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import CertificateOptions
 
 _Service = TypeVar("_Service")
@@ -99,6 +103,7 @@ def raise_synchronously(service: _Service) -> _Service:
 
 __all__ = [
     "UNEXPECTED_EOF",
+    "IOpenSSLTrustRoot",
     "OpenSSLCertificateAuthorities",
     "OpenSSLDefaultPaths",
     "acceptable_protocols",
