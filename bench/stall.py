@@ -148,6 +148,8 @@ def run_scenarios(count: int, workdir: Path) -> Any:
 
     from twisted_sesscache import RUNTIME
 
+    from bench.fill import fill_cache
+
     results: dict[str, Any] = {"sessions": count}
 
     @defer.inlineCallbacks
@@ -166,7 +168,7 @@ def run_scenarios(count: int, workdir: Path) -> Any:
         gc.collect()
         before = rss_bytes()
         steady_first = now - 2 * LIFETIME - count // CREATION_RATE
-        RUNTIME.fill_cache(context, template, count, lambda i: steady_first + i // CREATION_RATE, LIFETIME)
+        fill_cache(context, template, count, lambda i: steady_first + i // CREATION_RATE, LIFETIME)
         results["rss_per_session"] = (rss_bytes() - before) / count
 
         # scheduled: today's SessionCache flush loop.
@@ -199,7 +201,7 @@ def run_scenarios(count: int, workdir: Path) -> Any:
         # sliced: one second of expiry per reactor turn, steady creation rate.
         cache, context = _fresh(workdir / "b")
         first = now - 2 * LIFETIME - count // CREATION_RATE
-        RUNTIME.fill_cache(context, template, count, lambda i: first + i // CREATION_RATE, LIFETIME)
+        fill_cache(context, template, count, lambda i: first + i // CREATION_RATE, LIFETIME)
         probe = Probe(reactor)
         probe.start()
         yield _sleep(reactor, 0.2)
@@ -223,7 +225,7 @@ def run_scenarios(count: int, workdir: Path) -> Any:
 
         # auto: OpenSSL's own flush, from inside every 255th handshake.
         cache, context = _fresh(workdir / "c")
-        RUNTIME.fill_cache(context, template, count, expired_at_once, LIFETIME)
+        fill_cache(context, template, count, expired_at_once, LIFETIME)
         shaker = Handshaker(context)
         probe = Probe(reactor)
         probe.start()

@@ -11,9 +11,6 @@ from weakref import WeakKeyDictionary
 
 from OpenSSL import crypto
 
-# Twisted's trust-root types: public behaviour (trustRootFromCertificates,
-# platformTrust), private module; every supported Twisted has them.
-from twisted.internet._sslverify import OpenSSLCertificateAuthorities, OpenSSLDefaultPaths
 from twisted.internet.ssl import (
     Certificate,
     KeyPair,
@@ -22,6 +19,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
+from twisted_sesscache._twisted_compat import ca_certificates, is_platform_trust
 from twisted_sesscache.certs import CertificateError, certificate_options, load_certificate
 
 
@@ -64,13 +62,10 @@ def trust_fingerprint(trust_root: Any) -> str:
     """What the key records of a trust root: CA fingerprints, the platform store, or this object."""
     if trust_root is None:
         return "trust=none"
-    if isinstance(trust_root, Certificate):
-        certificates = [trust_root.original]
-    elif isinstance(trust_root, OpenSSLCertificateAuthorities):
-        certificates = list(trust_root._caCerts)
-    elif isinstance(trust_root, OpenSSLDefaultPaths):
-        return "trust=platform"
-    else:
+    certificates = [trust_root.original] if isinstance(trust_root, Certificate) else ca_certificates(trust_root)
+    if certificates is None:
+        if is_platform_trust(trust_root):
+            return "trust=platform"
         return f"trust=object:{type(trust_root).__qualname__}:{_token(trust_root)}"
     return "trust=ca:" + ",".join(sorted(fingerprint(c) for c in certificates))
 
