@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from twisted_sesscache import __version__
 from twisted_sesscache._openssl import runtime as openssl_runtime
+from twisted_sesscache._twisted_compat import raise_synchronously
 from twisted_sesscache.cache import SessionCache
 
 
@@ -94,9 +95,7 @@ class AnnouncedEndpoint:
 
 def listener(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> StreamServerEndpointService:
     """A listening service that stops start-up when it cannot listen (as ``strports.service`` does)."""
-    service_ = StreamServerEndpointService(endpoint, factory)
-    service_._raiseSynchronously = True
-    return service_
+    return raise_synchronously(StreamServerEndpointService(endpoint, factory))
 
 
 __all__ = ["AnnouncedEndpoint", "SessionCacheService", "listener", "version_text"]

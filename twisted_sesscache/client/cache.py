@@ -25,14 +25,15 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReacto
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.logger import Logger
 
-from twisted_sesscache.config import DEFAULT_TIMEOUT
 from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
+from twisted_sesscache._twisted_compat import acceptable_protocols, certificate_options_of, hostname_of
 from twisted_sesscache.client.contexts import ClientContextState, record, state_of
 from twisted_sesscache.client.creator import SessionClientCreator, new_session
 from twisted_sesscache.client.key import VERSION_OPTIONS, SessionKey, TrustRoot, ascii_host, creator_settings
 from twisted_sesscache.client.policy import DEFAULT_CREATORS, SessionHTTPSPolicy
 from twisted_sesscache.client.sessions import DEFAULT_CLIENT_SIZE, DEFAULT_PER_KEY, ClientSessions, Entry
 from twisted_sesscache.client.shared import SharedClientSessions
+from twisted_sesscache.config import DEFAULT_TIMEOUT
 from twisted_sesscache.modes import CacheMode
 from twisted_sesscache.tls.session_der import session_facts
 from twisted_sesscache.trust import resolve_trust_root
@@ -144,13 +145,13 @@ class ClientSessionCache:
             creator = creator.inner
         if not IOpenSSLClientConnectionCreator.providedBy(creator):
             raise TypeError(f"{creator!r} is not an IOpenSSLClientConnectionCreator")
-        options = _certificate_options_of(creator)
+        options = certificate_options_of(creator)
         hostname = _verified_hostname(creator, hostname)
         if trust_root is _INTROSPECT:
             if options is None:
                 raise ValueError(f"cannot read the trust root of {creator!r}: pass trust_root=")
             trust_root = options.trustRoot
-        alpn = tuple(getattr(options, "_acceptableProtocols", None) or ())
+        alpn = acceptable_protocols(options) if options is not None else ()
         context = _context_of(creator, options)
         if context is not None:
             # Before the first connection: it copies the session-ID context,
@@ -278,17 +279,9 @@ class ClientSessionCache:
 # -- what can be read from Twisted's creators ---------------------------------------
 
 
-def _certificate_options_of(creator: IOpenSSLClientConnectionCreator) -> CertificateOptions | None:
-    """The ``CertificateOptions`` behind an ``optionsForClientTLS`` result, or the creator itself."""
-    if isinstance(creator, CertificateOptions):
-        return creator
-    owner = getattr(getattr(creator, "_createConnection", None), "__self__", None)
-    return owner if isinstance(owner, CertificateOptions) else None
-
-
 def _verified_hostname(creator: IOpenSSLClientConnectionCreator, hostname: str | None) -> str:
     """``hostname``, checked against (or else read from) the name an ``optionsForClientTLS`` result verifies."""
-    verified = getattr(creator, "_hostnameASCII", None)
+    verified = hostname_of(creator)
     if hostname is None:
         hostname = verified
     elif verified is not None and ascii_host(hostname) != verified:

@@ -17,6 +17,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from twisted_sesscache._twisted_compat import idna_bytes
 from twisted_sesscache.trust import fingerprint, trust_fingerprint
 
 # The context options that limit protocol versions: part of the key, read once
@@ -98,9 +99,7 @@ def ascii_host(hostname: str) -> str:
 
     if isIPAddress(hostname) or isIPv6Address(hostname):
         return hostname
-    from twisted.internet._idna import _idnaBytes
-
-    return _idnaBytes(hostname).decode("ascii")
+    return idna_bytes(hostname).decode("ascii")
 
 
 __all__ = ["VERSION_OPTIONS", "SessionKey", "TrustRoot", "ascii_host", "connection_alpn", "creator_settings", "settings_digest"]

@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, DeferredList
 
 from twisted_sesscache.tls.clienthello import ClientHello
-from twisted_sesscache._openssl.access import OpenSSLAccess
+from twisted_sesscache._openssl import OpenSSLAccess
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores.sealed import SealedRecords

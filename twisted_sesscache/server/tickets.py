@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from twisted_sesscache._openssl.access import TicketKey
+from twisted_sesscache.interfaces import TicketKey
 from twisted_sesscache.sealing import SealError, Sealer
 from twisted_sesscache.interfaces import ISessionStore
 
