@@ -123,3 +123,33 @@ def test_twisted_keeps_the_list_where_alpn_reads_it() -> None:
     """Pins the private name server/alpn.py reads (CertificateOptions._acceptableProtocols)."""
     options = CertificateOptions(acceptableProtocols=[b"h2"])
     assert options._acceptableProtocols == [b"h2"]
+
+
+# -- the twistd option and the endpoint parameter ---------------------------------------------------
+
+
+def test_twistd_refuses_bad_alpn_lists(tls_files: TLSFiles) -> None:
+    from tests.test_tap import assert_usage_error, files_args, run_twistd
+
+    for value in ("h2,,http/1.1", "x" * 256, "h\u00e9"):
+        done = run_twistd("-n", "--pidfile=", "sesscache", "--listen", "tcp:0:interface=127.0.0.1",
+                          *files_args(tls_files), "--alpn", value)
+        assert_usage_error(done, "--alpn")
+
+
+def test_endpoint_alpn_parameter(reactor_thread: ReactorThread, tls_files: TLSFiles) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.test_endpoints import description
+
+    with pytest.raises(ValueError, match="^sesscache endpoint: alpn: empty protocol name"):
+        serverFromString(reactor, description(tls_files, alpn="h2,"))
+    endpoint = serverFromString(reactor, description(tls_files, alpn="foo,http/1.1"))
+    port = reactor_thread.call(endpoint.listen, protocol.Factory.forProtocol(InfoProtocol))
+    try:
+        number = port.getHost().port
+        assert alpn_handshake(number, "http/1.1,foo") == (True, "foo")
+        assert alpn_handshake(number, "h2") == (True, None)
+    finally:
+        reactor_thread.call(port.stopListening)

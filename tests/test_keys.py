@@ -119,3 +119,40 @@ def test_key_or_certificate_that_is_not_a_file_is_refused(tmp_path: Path, kind: 
     with pytest.raises(CertificateError, match="passphrase file .* not a regular file"):
         read_passphrase(path)
     assert time.monotonic() - started < 5
+
+
+# -- the twistd option and the endpoint parameter ---------------------------------------------------
+
+
+def test_twistd_encrypted_key(encrypted: tuple[Path, Path], tls_files: TLSFiles, tmp_path: Path) -> None:
+    from tests.support import free_port, resume_series
+    from tests.test_tap import assert_usage_error, run_twistd, twistd
+
+    key, passphrase = encrypted
+    common = ("--certificate", str(tls_files.certificate), "--private-key", str(key))
+    done = run_twistd("-n", "--pidfile=", "sesscache", "--listen", "tcp:0:interface=127.0.0.1", *common)
+    assert_usage_error(done, "--private-key")
+    assert "is encrypted" in done.stdout + done.stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = run_twistd("-n", "--pidfile=", "sesscache", "--listen", "tcp:0:interface=127.0.0.1", *common,
+                      "--private-key-passphrase-file", str(fifo))
+    assert_usage_error(done, "--private-key-passphrase-file")
+    port = free_port()
+    with twistd(tmp_path, "sesscache", "--listen", f"tcp:{port}:interface=127.0.0.1", *common,
+                "--private-key-passphrase-file", str(passphrase)) as process:
+        process.wait_for(port)
+        assert resume_series(port, tmp_path, 2) == ["New", "Reused"]
+
+
+def test_endpoint_passphrase_file(encrypted: tuple[Path, Path], tls_files: TLSFiles) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.test_endpoints import description
+
+    key, passphrase = encrypted
+    files = TLSFiles(tls_files.certificate, key)
+    with pytest.raises(ValueError, match="^sesscache endpoint: privateKey: .* is encrypted"):
+        serverFromString(reactor, description(files))
+    assert serverFromString(reactor, description(files, privateKeyPassphraseFile=str(passphrase))) is not None

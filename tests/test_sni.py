@@ -174,3 +174,64 @@ def test_unusable_files(tmp_path: Path, two_files: list[Path]) -> None:
         sni_certificate_options([empty])
     with pytest.raises(ConfigurationError, match="no certificate file given"):
         sni_certificate_options([])
+
+
+# -- twistd --certificate, repeated, and the endpoint's certificates=DIR ---------------------------
+
+
+def test_twistd_serves_several_certificates(two_files: list[Path], tmp_path: Path) -> None:
+    from tests.support import free_port
+    from tests.test_tap import twistd
+
+    port = free_port()
+    with twistd(tmp_path, "sesscache", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--certificate", str(two_files[0]), "--certificate", str(two_files[1])) as process:
+        process.wait_for(port)
+        assert served_name(port, "b.test") == "b.test" and served_name(port, None) == "a.test"
+        assert second_connection(port, tmp_path, "1.3", "b.test", "b.test") == ("New", "Reused")
+        assert second_connection(port, tmp_path, "1.2", "b.test", "a.test") == ("New", "New")
+
+
+def test_twistd_refuses_bad_certificate_sets(two_files: list[Path], tmp_path: Path) -> None:
+    from tests.test_tap import assert_usage_error, run_twistd
+
+    overlapping = combined_pem(tmp_path, "c.test", ("b.test",))
+    cases = [
+        (["--certificate", str(two_files[0]), "--certificate", str(overlapping), "--certificate", str(two_files[1])],
+         "--certificate"),
+        (["--certificate", str(two_files[0]), "--certificate", str(two_files[1]), "--private-key", str(two_files[0])],
+         "--private-key"),
+    ]
+    outputs = []
+    for args, option in cases:
+        done = run_twistd("-n", "--pidfile=", "sesscache", "--listen", "tcp:0:interface=127.0.0.1", *args)
+        assert_usage_error(done, option)
+        outputs.append(done.stdout + done.stderr)
+    assert "'b.test' is in both" in outputs[0] and "each file holds its own key" in outputs[1]
+
+
+def test_endpoint_certificates_directory(reactor_thread: ReactorThread, two_files: list[Path], tmp_path: Path) -> None:
+    from twisted.internet import protocol, reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.support import InfoProtocol
+
+    directory = two_files[0].parent
+    endpoint = serverFromString(reactor, f"sesscache:0:interface=127.0.0.1:certificates={directory}")
+    port = reactor_thread.call(endpoint.listen, protocol.Factory.forProtocol(InfoProtocol))
+    try:
+        number = port.getHost().port
+        assert served_name(number, "b.test") == "b.test" and served_name(number, "www.a.test") == "a.test"
+        assert second_connection(number, tmp_path, "1.2", "a.test", "a.test") == ("New", "Reused")
+    finally:
+        reactor_thread.call(port.stopListening)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for text, message in [
+        (f"sesscache:0:certificates={empty}", "sesscache endpoint: certificates: directory"),
+        (f"sesscache:0:certificates={directory}:certificate={two_files[0]}", "sesscache endpoint: certificate: required, once"),
+        (f"sesscache:0:certificates={directory}:privateKey={two_files[0]}", "sesscache endpoint: privateKey: goes with"),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            serverFromString(reactor, text)
+        assert str(raised.value).startswith(message), str(raised.value)

@@ -160,7 +160,7 @@ def load_private_key(
     except _NoPassphrase:
         raise CertificateError(
             f"{what} {str(path)!r} is encrypted: give a file holding its passphrase "
-            "(--private-key-passphrase-file)"
+            "(twistd: --private-key-passphrase-file; endpoint: privateKeyPassphraseFile=)"
         ) from None
     except crypto.Error:
         if passphrase is not None and b"ENCRYPTED" in data:
