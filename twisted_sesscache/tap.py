@@ -120,9 +120,8 @@ class Options(usage.Options):
         super().parseOptions(rewritten)
 
     def opt_certificate(self, path: str) -> None:
-        """PEM file with the certificate and its chain (and the key, unless --private-key is
-        given). Repeat it for several certificates chosen by SNI, each file holding its key; the
-        first serves clients that send no name or one no certificate lists."""
+        # twistd's help shows the docstring as it is: one line.
+        """PEM file with the certificate and its chain (and the key, unless --private-key is given). Repeat it for several certificates chosen by SNI, each file holding its key; the first serves clients that send no name or one no certificate lists."""  # noqa: E501
         self["certificates"].append(path)
 
     def opt_tickets(self) -> None:
