@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from twisted.internet import protocol
 from twisted.internet.interfaces import IProtocolNegotiationFactory
-from twisted.internet.ssl import CertificateOptions
 from zope.interface import implementer
 
 from tests.support import OPENSSL, PEER_TIMEOUT, InfoProtocol, ReactorThread, TLSFiles, tls_server
@@ -117,12 +116,6 @@ def test_configured_and_twisted_lists_negotiate(reactor_thread: ReactorThread, t
         assert alpn_handshake(port, "http/1.1") == (True, None)
     with tls_server(reactor_thread, creator_for(tls_files, acceptableProtocols=[b"spdy/3", b"http/1.1"])) as port:
         assert alpn_handshake(port, "http/1.1,spdy/3") == (True, "spdy/3")
-
-
-def test_twisted_keeps_the_list_where_alpn_reads_it() -> None:
-    """Pins the private name server/alpn.py reads (CertificateOptions._acceptableProtocols)."""
-    options = CertificateOptions(acceptableProtocols=[b"h2"])
-    assert options._acceptableProtocols == [b"h2"]
 
 
 # -- the twistd option and the endpoint parameter ---------------------------------------------------

@@ -235,3 +235,10 @@ def test_endpoint_certificates_directory(reactor_thread: ReactorThread, two_file
         with pytest.raises(ValueError) as raised:
             serverFromString(reactor, text)
         assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_sni_contexts_offer_their_acceptable_protocols(reactor_thread: ReactorThread, two_files: list[Path]) -> None:
+    creator = SessionCache().server_context_factory(sni_certificate_options(two_files, acceptableProtocols=[b"h2"]))
+    with tls_server(reactor_thread, creator) as port:
+        assert alpn_handshake(port, "http/1.1,h2", servername="b.test") == (True, "h2")
+        assert alpn_handshake(port, "http/1.1", servername="a.test") == (True, None)

@@ -26,6 +26,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 
+from twisted_sesscache import _twisted_compat as compat
 from twisted_sesscache.exceptions import ConfigurationError
 
 ProtocolsFor = Callable[[SSL.Connection], Sequence[bytes]]
@@ -96,11 +97,11 @@ def factory_protocols(connection: SSL.Connection) -> tuple[bytes, ...]:
 def protocols_for(configured: Sequence[bytes] = (), options: Any = None) -> ProtocolsFor:
     """The server's preference for one connection: the factory's protocols, then the configured ones.
 
-    ``options`` is a ``CertificateOptions`` whose own ``acceptableProtocols``
-    (kept by Twisted as ``_acceptableProtocols``) still count, as they did
-    under Twisted's callback; the order is Twisted's own.
+    ``options`` may offer protocols of its own: a ``CertificateOptions``'
+    ``acceptableProtocols`` still count, as they did under Twisted's
+    callback, and so do an ``SNICertificates``'; the order is Twisted's own.
     """
-    static = tuple(dict.fromkeys((*configured, *twisted_acceptable_protocols(options))))
+    static = tuple(dict.fromkeys((*configured, *options_protocols(options))))
 
     def preference(connection: SSL.Connection) -> tuple[bytes, ...]:
         return tuple(dict.fromkeys((*factory_protocols(connection), *static)))
@@ -108,9 +109,10 @@ def protocols_for(configured: Sequence[bytes] = (), options: Any = None) -> Prot
     return preference
 
 
-def twisted_acceptable_protocols(options: Any) -> tuple[bytes, ...]:
-    """``CertificateOptions(acceptableProtocols=...)``: a private attribute in Twisted 26.10."""
-    return tuple(getattr(options, "_acceptableProtocols", None) or ())
+def options_protocols(options: Any) -> tuple[bytes, ...]:
+    """What the wrapped options offer: a public ``acceptable_protocols``, else CertificateOptions' own."""
+    own = getattr(options, "acceptable_protocols", None)
+    return tuple(own) if own is not None else compat.acceptable_protocols(options)
 
 
 def install_alpn(context: SSL.Context, protocols: ProtocolsFor) -> None:

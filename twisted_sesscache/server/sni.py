@@ -150,8 +150,8 @@ class SNICertificates:
             raise ConfigurationError(SETTING, "no certificate file given")
         check_names(keys)
         self.keys = tuple(keys)
-        # Read by server/alpn.py as it reads CertificateOptions' own list.
-        self._acceptableProtocols = tuple(options.get("acceptableProtocols") or ())
+        # What server/alpn.py offers besides the factory's, as CertificateOptions' own list.
+        self.acceptable_protocols: tuple[bytes, ...] = tuple(options.get("acceptableProtocols") or ())
         # (context, certificate, name): the first is the default, for no or unknown names.
         self._contexts: list[tuple[SSL.Context, crypto.X509, str | None]] = []
         self._by_name: dict[str, SSL.Context] = {}
