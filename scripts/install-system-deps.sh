@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Debian/Ubuntu packages the project needs: the shared-OpenSSL runtime
 # (pyOpenSSL and cryptography linked against the system libssl), the openssl
-# CLI the tests use as an outside peer, redis-server and nginx.
+# CLI the tests use as an outside peer, redis-server and nginx, and the real
+# clients the tests drive: curl and headless Chromium.
 set -euo pipefail
 packages=(python3 python3-venv python3-openssl python3-cryptography python3-cffi
-          python3-service-identity openssl redis-server nginx)
+          python3-service-identity openssl redis-server nginx curl chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -141,9 +141,12 @@ class SessionCache:
         """Attach the connection's context and observe its handshake."""
         return self.server.watch(connection)
 
-    def server_context_factory(self, options: Any) -> SessionServerCreator:
-        """Wrap a ``CertificateOptions`` (or any server connection creator) to use this cache."""
-        return SessionServerCreator(self.server, options)
+    def server_context_factory(self, options: Any, alpn: Sequence[bytes] = ()) -> SessionServerCreator:
+        """Wrap a ``CertificateOptions`` (or any server connection creator) to use this cache.
+
+        ``alpn``: protocols to negotiate besides those the protocol factory declares.
+        """
+        return SessionServerCreator(self.server, options, alpn)
 
     # -- the client side ----------------------------------------------------------------
 

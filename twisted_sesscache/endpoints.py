@@ -26,7 +26,8 @@ from zope.interface import implementer
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.config import SETTINGS, CacheConfig, parameter_spelling, parse_as, whole_number
 from twisted_sesscache.exceptions import ConfigurationError
-from twisted_sesscache.server.certificates import server_certificate
+from twisted_sesscache.server.alpn import parse_alpn
+from twisted_sesscache.server.certificates import server_certificate, server_certificates
 
 
 @implementer(IStreamServerEndpoint)
@@ -101,7 +102,9 @@ class _CacheStoppingPort:
 
 # -- the endpoint string --------------------------------------------------------
 
-LISTENER_PARAMETERS = ("port", "interface", "backlog", "certificate", "privateKey")
+LISTENER_PARAMETERS = (
+    "port", "interface", "backlog", "certificate", "privateKey", "certificates", "privateKeyPassphraseFile", "alpn",
+)
 PARAMETERS = LISTENER_PARAMETERS + tuple(setting.parameter for setting in SETTINGS)
 
 
@@ -128,16 +131,32 @@ def _build(reactor: Any, args: tuple[str, ...], kwargs: dict[str, str]) -> TLSSe
         raise ConfigurationError(None, f"unknown parameter {unknown[0]!r}; known: {', '.join(PARAMETERS)}")
     if "port" not in kwargs:
         raise ConfigurationError("port", "required, as in sesscache:8443:certificate=cert.pem")
-    if "certificate" not in kwargs:
-        raise ConfigurationError("certificate", "required (certificate=PEM)")
+    if ("certificate" in kwargs) == ("certificates" in kwargs):
+        raise ConfigurationError(
+            "certificate", "required, once: certificate=PEM, or certificates=DIR for several chosen by SNI"
+        )
+    if "certificates" in kwargs and "privateKey" in kwargs:
+        raise ConfigurationError("private_key", "goes with certificate=; with certificates=DIR each file holds its key")
 
     port = parse_as("port", whole_number, kwargs["port"])
     backlog = parse_as("backlog", lambda text: whole_number(text, minimum=1), kwargs.get("backlog", "50"))
     config = CacheConfig.from_strings({setting.name: kwargs.get(setting.parameter) for setting in SETTINGS})
-    options = server_certificate(kwargs["certificate"], kwargs.get("privateKey"), tickets=bool(config.tickets))
+    alpn = parse_alpn(kwargs.get("alpn", ""), setting="alpn")
+    passphrase_file = kwargs.get("privateKeyPassphraseFile")
+    options: Any
+    if "certificates" in kwargs:
+        options = server_certificates(
+            [kwargs["certificates"]], tickets=bool(config.tickets), passphrase_file=passphrase_file,
+            setting="certificates",
+        )
+    else:
+        options = server_certificate(
+            kwargs["certificate"], kwargs.get("privateKey"), tickets=bool(config.tickets),
+            passphrase_file=passphrase_file,
+        )
     cache = SessionCache(config=config, clock=reactor)
     tcp = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=kwargs.get("interface", ""))
-    return TLSServerEndpoint(tcp, cache.server_context_factory(options), cache=cache)
+    return TLSServerEndpoint(tcp, cache.server_context_factory(options, alpn), cache=cache)
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)

@@ -23,7 +23,8 @@ from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.config import SETTINGS, CacheConfig, Tickets, option_spelling
 from twisted_sesscache.exceptions import ConfigurationError, SessionCacheError
 from twisted_sesscache.sealing import check_key_file
-from twisted_sesscache.server.certificates import server_certificate
+from twisted_sesscache.server.alpn import parse_alpn
+from twisted_sesscache.server.certificates import server_certificate, server_certificates
 from twisted_sesscache.service import AnnouncedEndpoint, SessionCacheService, listener, version_text
 from twisted_sesscache.upstream import UpstreamTLS
 
@@ -66,9 +67,12 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["listen", None, DEFAULT_LISTEN, "Stream server endpoint to listen on; TLS is added on top of it."],
-        ["certificate", None, None, "PEM file with the certificate (and its chain; and the key, "
-         "unless --private-key is given)."],
-        ["private-key", None, None, "PEM file with the private key of --certificate."],
+        ["private-key", None, None, "PEM file with the private key of a single --certificate."],
+        ["private-key-passphrase-file", None, None, "File whose first line is the passphrase of an "
+         "encrypted private key (never asked for on the terminal)."],
+        ["alpn", None, None, "Protocols to negotiate with clients by ALPN, in order of preference, "
+         "e.g. h2,http/1.1 for a backend that speaks them; clients offering none of them go on "
+         "without ALPN [default: none besides what the served protocol declares]."],
         ["data-dir", None, None, "Directory for generated files (with --generate-certificate)."],
         ["upstream", None, None, "Client endpoint of the backend that receives the decrypted "
          "stream, e.g. tcp:127.0.0.1:8080. Without it, a status page is served."],
@@ -96,6 +100,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["tickets"] = Tickets.OFF
+        self["certificate"] = None
+        self["certificates"] = []
         self["keep-sessions-on-truncation"] = True
         self.notes: list[str] = []
 
@@ -112,6 +118,11 @@ class Options(usage.Options):
             else:
                 rewritten.append(word)
         super().parseOptions(rewritten)
+
+    def opt_certificate(self, path: str) -> None:
+        # twistd's help shows the docstring as it is: one line.
+        """PEM file with the certificate and its chain (and the key, unless --private-key is given). Repeat it for several certificates chosen by SNI, each file holding its key; the first serves clients that send no name or one no certificate lists."""  # noqa: E501
+        self["certificates"].append(path)
 
     def opt_tickets(self) -> None:
         """Stateless tickets with this process's own keys; `--tickets shared` shares keys through --store."""
@@ -144,6 +155,7 @@ class Options(usage.Options):
         try:
             self._check_endpoints()
             self["config"] = self._config()
+            self["alpnProtocols"] = parse_alpn(self["alpn"] or "", setting="alpn")
             self._check_certificate()
             self["upstreamTLS"] = self._upstream_tls()
         except ConfigurationError as error:
@@ -180,8 +192,9 @@ class Options(usage.Options):
                 raise ConfigurationError(name, f"cannot use {description!r}: {error}") from None
 
     def _check_certificate(self) -> None:
+        certificates = self["certificates"]
         if self["generate-certificate"]:
-            if self["certificate"] or self["private-key"]:
+            if certificates or self["private-key"]:
                 raise ConfigurationError("generate_certificate", "cannot be combined with --certificate/--private-key")
             self["certificate"], self["private-key"] = self._generate_certificate()
             try:
@@ -189,7 +202,15 @@ class Options(usage.Options):
             finally:
                 if not self["data-dir"]:  # loaded into memory: the throwaway files can go
                     shutil.rmtree(Path(self["certificate"]).parent, ignore_errors=True)
-        elif self["certificate"]:
+        elif len(certificates) > 1:
+            if self["private-key"]:
+                raise ConfigurationError("private_key", "goes with a single --certificate; with several, "
+                                         "each file holds its own key")
+            self["certificateOptions"] = server_certificates(
+                certificates, tickets=bool(self["config"].tickets), passphrase_file=self["private-key-passphrase-file"]
+            )
+        elif certificates:
+            self["certificate"] = certificates[0]
             self["certificateOptions"] = self._load_certificate()
         elif self["private-key"]:
             raise ConfigurationError("private_key", "needs --certificate")
@@ -197,7 +218,8 @@ class Options(usage.Options):
             raise ConfigurationError("certificate", "required (or --generate-certificate for a throwaway one)")
 
     def _load_certificate(self) -> Any:
-        return server_certificate(self["certificate"], self["private-key"], tickets=bool(self["config"].tickets))
+        return server_certificate(self["certificate"], self["private-key"], tickets=bool(self["config"].tickets),
+                                  passphrase_file=self["private-key-passphrase-file"])
 
     def _upstream_tls(self) -> UpstreamTLS | None:
         if not self["upstream-tls"]:
@@ -257,7 +279,7 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     SessionCacheService(cache, options.notes).setServiceParent(top)
 
-    creator = cache.server_context_factory(options["certificateOptions"])
+    creator = cache.server_context_factory(options["certificateOptions"], options["alpnProtocols"])
     if options["upstream"]:
         upstream_tls: UpstreamTLS | None = options["upstreamTLS"]
         factory: Any = proxy_factory(reactor, {

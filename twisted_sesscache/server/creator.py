@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
+from twisted_sesscache.server.alpn import install_alpn, protocols_for
 from twisted_sesscache.tls.connection import WatchedConnection
 
 if TYPE_CHECKING:
@@ -45,17 +47,32 @@ def _der(certificate: Any) -> bytes:
 class SessionServerCreator:
     """Makes the server ``Connection`` for each accepted TLS connection.
 
-    The wrapped ``options`` still decide certificates, ciphers and ALPN; this
-    only attaches their context to the cache and watches the connection.
+    The wrapped ``options`` still decide certificates and ciphers; this
+    attaches their contexts to the cache, watches the connection, and gives
+    each context the ALPN callback that continues without ALPN when nothing
+    overlaps (server/alpn.py). ``alpn``: protocols offered besides those the
+    protocol factory declares. Options with an ``attach_to(cache)`` method
+    (several certificates chosen by SNI, server/sni.py) attach their contexts
+    themselves.
     """
 
-    def __init__(self, cache: ServerContexts, options: Any) -> None:
+    def __init__(self, cache: ServerContexts, options: Any, alpn: Sequence[bytes] = ()) -> None:
         self.cache = cache
         self.options = options
         self._sid_context = derived_session_id_context(options)
+        # Before the first connection: pyOpenSSL 25+ refuses to change a used context.
+        preference = protocols_for(alpn, options)
+        for context in self._attach(cache, options):
+            install_alpn(context, preference)
+
+    def _attach(self, cache: ServerContexts, options: Any) -> list[SSL.Context]:
+        """Attach now, so that add/remove/flush work before the first client."""
+        attach_to = getattr(options, "attach_to", None)
+        if attach_to is not None:
+            return list(attach_to(cache))
         if hasattr(options, "getContext"):
-            # Attach now, so that add/remove/flush work before the first client.
-            cache.attach(options.getContext(), self._sid_context)
+            return [cache.attach(options.getContext(), self._sid_context)]
+        return []
 
     def getContext(self) -> SSL.Context:
         """For code that still asks for a context factory's context."""
