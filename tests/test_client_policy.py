@@ -16,7 +16,6 @@ import pytest
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from zope.interface.verify import verifyObject
 
 from twisted_sesscache import RUNTIME
 from twisted_sesscache.client.cache import ClientSessionCache
@@ -24,8 +23,7 @@ from twisted_sesscache.client.contexts import _states, state_of
 from twisted_sesscache.client.creator import SessionClientCreator
 from twisted_sesscache.client.key import SessionKey
 from twisted_sesscache.client.policy import SessionHTTPSPolicy
-from twisted_sesscache.client.shared import SharedClientSessions, _TicketFirst
-from twisted_sesscache.interfaces import ISessionStore
+from twisted_sesscache.client.shared import SharedClientSessions
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.stores.memory import MemoryStore
 
@@ -232,12 +230,17 @@ def test_a_late_ticket_answer_then_a_hanging_session_read_shares_the_deadline() 
     assert store.waiting[1].called  # cancelled with the lookup
 
 
-def test_the_ticket_first_view_is_a_whole_store() -> None:
-    """SealedRecords is handed the view as its store: every ISessionStore call must be there."""
-    store = MemoryStore()
-    view = _TicketFirst(store)
-    verifyObject(ISessionStore, view)
-    assert view.shared is store.shared is False
+def test_a_ticket_moved_into_the_sessions_place_does_not_open() -> None:
+    """Records are sealed under their store name: a ticket copied to the TLS 1.2 slot would be offered again."""
+    clock = clock_at()
+    store = MemoryStore(clock=clock.seconds)
+    shared = shared_on(clock, store)
+    shared.publish(KEY, session_der(NOW, 60), tls13=True, ttl=60)
+    base, _ = shared.store_key(KEY)
+    ticket = store.take(base + b":tls1.3").result
+    store.set(base + b":tls1.2", ticket, 60)
+    assert results(shared.fetch(KEY)) == [None]
+    assert shared.counts["store_rejected"] == 1 and shared.counts["store_hits"] == 0
 
 
 def test_stats_include_the_store_counters() -> None:

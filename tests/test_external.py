@@ -17,6 +17,7 @@ from tests.support import RedisProcess, ReactorThread, TLSFiles, s_client, tls_s
 from twisted_sesscache import RUNTIME, SessionCache
 from twisted_sesscache.certs import certificate_options
 from twisted_sesscache.sealing import Sealer
+from twisted_sesscache.stores.sealed import record_context
 from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores import store_from_url
 from twisted_sesscache.stores.memory import MemoryStore
@@ -92,7 +93,7 @@ def test_records_in_redis_are_sealed(
     reactor_thread.call(store.close)
 
 
-@pytest.mark.parametrize("corruption", ["other-key", "truncated", "random", "other-context", "undecodable"])
+@pytest.mark.parametrize("corruption", ["other-key", "truncated", "random", "other-context", "moved", "undecodable"])
 def test_bad_records_never_resume_and_never_crash(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, corruption: str
 ) -> None:
@@ -109,11 +110,15 @@ def test_bad_records_never_resume_and_never_crash(
             record = record[: len(record) // 2]
         elif corruption == "random":
             record = os.urandom(len(record))
-        elif corruption == "other-context":
-            der = Sealer([KEY]).open(record, kind=b"session", context=sid_context)
-            record = Sealer([KEY]).seal(der, kind=b"session", context=b"another listener")
+        elif corruption in ("other-context", "moved"):
+            der = Sealer([KEY]).open(record, kind=b"session", context=record_context(key, sid_context))
+            if corruption == "moved":  # another key's record, copied here (redis-cli COPY ... REPLACE)
+                record = Sealer([KEY]).seal(der, kind=b"session", context=record_context(key[:-2] + b"00", sid_context))
+            else:
+                record = Sealer([KEY]).seal(der, kind=b"session", context=record_context(key, b"another listener"))
         else:  # sealed correctly, but not a session OpenSSL accepts
-            record = Sealer([KEY]).seal(b"\x30\x03not a session", kind=b"session", context=sid_context)
+            record = Sealer([KEY]).seal(b"\x30\x03not a session", kind=b"session",
+                                        context=record_context(key, sid_context))
         store._entries[key] = (expires, record)
         assert s_client(ports[1], sess_in=session) == "New"
         assert s_client(ports[1]) == "New"  # and the listener goes on serving

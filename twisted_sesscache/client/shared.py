@@ -9,7 +9,9 @@ session. A ticket is single-use (RFC 8446, appendix C.4), so it is *taken*
 (``ISessionStore.take``, Redis ``GETDEL``): of two processes asking at once,
 exactly one gets it. Which record is a ticket must be known before it is
 read, hence the two names; a fetch takes the ticket first and reads the TLS
-1.2 session only when there is none. After a server goes back from TLS 1.3
+1.2 session only when there is none, as one lookup with one deadline. Each
+record is sealed under the name it lives at, so a ticket moved into the
+session's place does not open. After a server goes back from TLS 1.3
 to 1.2, its last ticket is offered once more (one full handshake) before the
 TLS 1.2 session is used.
 """
@@ -17,11 +19,8 @@ TLS 1.2 session is used.
 from __future__ import annotations
 
 import hashlib
-from typing import cast
-
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import implementer
 
 from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.sealing import Sealer
@@ -42,7 +41,7 @@ class SharedClientSessions:
     def __init__(
         self, store: ISessionStore, sealer: Sealer, *, timeout: float, clock: IReactorTime | None = None
     ) -> None:
-        self.records = SealedRecords(_TicketFirst(store), sealer, KIND, timeout=timeout, reactor=clock)
+        self.records = SealedRecords(store, sealer, KIND, timeout=timeout, reactor=clock)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -73,51 +72,6 @@ class SharedClientSessions:
                 return None
             return plain[1:], plain[:1] == _TLS13
 
-        return self.records.fetch(base, context).addCallback(found)
-
-
-@implementer(ISessionStore)
-class _TicketFirst:
-    """The store as the client side reads it: ``get(base)`` takes the ticket, else gets the session.
-
-    Everything else is the store's own call. A view rather than two fetches,
-    so that one lookup has one deadline and counts once. Records are written
-    under the full names (``base:tls1.3``, ``base:tls1.2``) and read under the
-    base name: sealing binds the key's context and the record's kind byte, not
-    the store name (should SealedRecords bind names, this view must pass the
-    full one it read).
-    """
-
-    def __init__(self, store: ISessionStore) -> None:
-        self.store = store
-        self.shared = store.shared
-
-    def get(self, key: bytes) -> Deferred[bytes | None]:
-        session = key + _SESSION
-        ticket = cast("Deferred[bytes | None]", self.store.take(key + _TICKET))
-
-        def or_session(record: bytes | None) -> bytes | None | Deferred[bytes | None]:
-            if record is not None:
-                return record
-            return cast("Deferred[bytes | None]", self.store.get(session))
-
-        # A chained Deferred: cancelling the lookup (its deadline) cancels whichever call is waiting.
-        return cast("Deferred[bytes | None]", ticket.addCallback(or_session))
-
-    def take(self, key: bytes) -> object:
-        return self.store.take(key)
-
-    def set(self, key: bytes, value: bytes, ttl: int) -> object:
-        return self.store.set(key, value, ttl)
-
-    def add(self, key: bytes, value: bytes, ttl: int) -> object:
-        return self.store.add(key, value, ttl)
-
-    def delete(self, key: bytes) -> object:
-        return self.store.delete(key)
-
-    def stats(self) -> dict[str, int]:
-        return self.store.stats()
-
-    def close(self) -> object:
-        return self.store.close()
+        # The ticket is taken, so of two processes asking at once only one offers it.
+        names = [(base + _TICKET, True), (base + _SESSION, False)]
+        return self.records.fetch_first(names, context).addCallback(found)

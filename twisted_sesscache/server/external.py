@@ -98,8 +98,13 @@ class ExternalSessions:
             if der is not None:
                 self._fetched.setdefault(connection, {})[session_id] = der
 
-        # OpenSSL must accept the session too, or the handshake's callback would fail on it.
-        lookup = self.records.fetch(self.key(sid_context, session_id), sid_context, check=self.runtime.session_from_der)
+        def check(der: bytes) -> None:
+            # OpenSSL must accept the session, and it must be the one asked for: a
+            # session under another ID would fail the handshake instead of giving a full one.
+            if self.runtime.session_id(self.runtime.session_from_der(der)) != session_id:
+                raise ValueError("the stored session carries another session ID than its key")
+
+        lookup = self.records.fetch(self.key(sid_context, session_id), sid_context, check=check)
         return lookup.addCallback(found)
 
     def forget(self, connection: SSL.Connection) -> None:

@@ -7,16 +7,18 @@ does not open; this is that one piece.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from twisted_sesscache.sealing import SealError, Sealer
 from twisted_sesscache.interfaces import ISessionStore
 
-COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_rejected", "store_writes")
+COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_lookup_errors", "store_rejected", "store_writes")
 
 
 class SealedRecords:
@@ -44,7 +46,7 @@ class SealedRecords:
         if ttl <= 0:
             return
         self.counts["store_writes"] += 1
-        record = self.sealer.seal(plaintext, kind=self.kind, context=context)
+        record = self.sealer.seal(plaintext, kind=self.kind, context=record_context(name, context))
         self.store.set(name, record, ttl).addErrback(_ignored)
 
     def delete(self, name: bytes) -> None:
@@ -57,13 +59,33 @@ class SealedRecords:
 
         Never fails, and never takes longer than the timeout.
         """
+        return self.fetch_first([(name, False)], context, check)
+
+    def fetch_first(
+        self, names: Sequence[tuple[bytes, bool]], context: bytes, check: Callable[[bytes], object] | None = None
+    ) -> Deferred[bytes | None]:
+        """The first of ``names`` the store holds, opened; ``(name, True)`` is taken (read and deleted).
+
+        One lookup as the counters see it, under one deadline, however many
+        names it tries. A record opens only under the name it was written
+        under: one copied or moved to another key is rejected.
+        """
+        state: dict[str, object] = {}
+
+        def read(index: int) -> Deferred[bytes | None]:
+            name, take = names[index]
+            state["name"] = name
+            call = self.store.take(name) if take else self.store.get(name)
+            if index + 1 == len(names):
+                return call  # type: ignore[no-any-return]
+            return call.addCallback(lambda record: record if record is not None else read(index + 1))  # type: ignore[no-any-return]
 
         def found(record: bytes | None) -> bytes | None:
             if record is None:
                 self.counts["store_misses"] += 1
                 return None
             try:
-                plaintext = self.sealer.open(record, kind=self.kind, context=context)
+                plaintext = self.sealer.open(record, kind=self.kind, context=record_context(state["name"], context))  # type: ignore[arg-type]
                 if check is not None:
                     check(plaintext)
             except (SealError, ValueError) as error:
@@ -72,11 +94,15 @@ class SealedRecords:
             self.counts["store_hits"] += 1
             return plaintext
 
-        def failed(failure: Any) -> None:
-            self.counts["store_timeouts" if failure.check(TimeoutError) else "store_misses"] += 1
+        def failed(failure: Failure) -> None:
+            # Our own deadline is a timeout; a caller's cancel is nothing; anything else is an error, not a miss.
+            if failure.check(TimeoutError):
+                self.counts["store_timeouts"] += 1
+            elif not failure.check(CancelledError):
+                self.counts["store_lookup_errors"] += 1
             return None
 
-        lookup = self.store.get(name)
+        lookup = read(0)
         lookup.addTimeout(self.timeout, self._reactor)
         return lookup.addCallbacks(found, failed)
 
@@ -92,6 +118,16 @@ class SealedRecords:
                 reason=reason,
                 error=error,
             )
+
+
+def record_context(name: bytes, context: bytes) -> bytes:
+    """The sealing context of a record: the caller's, and the store name it lives under.
+
+    Binding the name is what makes a record copied or moved to another key
+    (another session ID, another client key, the other TLS version's slot)
+    fail to open, instead of resuming the wrong session.
+    """
+    return struct.pack(">I", len(name)) + name + context
 
 
 def _ignored(failure: Any) -> None:
