@@ -310,3 +310,33 @@ def test_fuzzed_hellos_leave_no_errors_and_resumption_working(
         assert not outcome.hung, (seed, [s[:40].hex() for s in outcome.hung[:3]])
         assert left_open <= 0, f"{left_open} server connections still open (seed {seed})"
         assert resumes(port, tmp_path, "1.2") and resumes(port, tmp_path, "1.3")
+
+
+# --- HelloRetryRequest --------------------------------------------------------------
+
+
+@needs_store
+@needs_openssl
+@pytest.mark.parametrize("mode", ["server", "server,no-internal"])
+def test_a_hello_retried_after_hello_retry_request_resumes(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, mode: str
+) -> None:
+    """The second ClientHello goes straight to OpenSSL, and finds the session the first one fetched."""
+    from OpenSSL import crypto
+
+    store = CountingStore()
+    cache = SessionCache(mode=mode, store=store, store_keys=[KEY], store_timeout=2.0)
+    options = certificate_options(tls_files.certificate, tls_files.private_key)
+    # Only P-256 here: a client whose key share is X25519 gets a HelloRetryRequest.
+    options.getContext().set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
+    retry = ("-groups", "X25519:P-256", "-msg")
+    with tls_server(reactor_thread, cache.server_context_factory(options)) as port, failures_logged() as log:
+        session = tmp_path / "s.pem"
+        assert s_client(port, tls="1.3", sess_out=session) == "New"
+        time.sleep(0.05)
+        gets = store.gets
+        for _ in range(3):
+            assert s_client(port, tls="1.3", sess_in=session, sess_out=session, extra=retry) == "Reused"
+            time.sleep(0.05)
+        assert store.gets - gets == 3  # one lookup per connection, none for the retried hello
+    assert not log.events, log.describe()
