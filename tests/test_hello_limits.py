@@ -160,6 +160,20 @@ def test_bytes_after_a_held_hello_are_kept_in_order_and_never_parsed_again() -> 
     assert ssl.written[-1] == b"late" and len(observer.hellos) == 1
 
 
+def test_what_is_held_while_the_lookup_runs_is_bounded() -> None:
+    """A client flooding the server after its hello gets its bytes to OpenSSL, in order, without waiting."""
+    connection, ssl, observer = watched()
+    hello = b"".join(fragment(Spec(session_id=b"s" * 32).message(), 100))
+    connection.bio_write(hello)
+    flood = [os.urandom(4096) for _ in range(2 * MAX_HELLO_BYTES // 4096 + 1)]
+    for piece in flood:
+        connection.bio_write(piece)
+    assert b"".join(ssl.written) == hello + b"".join(flood)
+    assert len(observer.hellos) == 1
+    observer.waiting[0].callback(None)  # the lookup's late answer changes nothing
+    assert b"".join(ssl.written) == hello + b"".join(flood)
+
+
 def test_a_connection_lost_while_held_hands_nothing_over() -> None:
     connection, ssl, observer = watched()
     ssl.bio_shutdown = lambda: None  # type: ignore[attr-defined]

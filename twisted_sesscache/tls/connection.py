@@ -16,12 +16,14 @@ from typing import Any, Protocol
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
-from twisted_sesscache.tls.clienthello import ClientHello, ClientHelloError, ClientHelloReader
+from twisted_sesscache.tls.clienthello import MAX_HELLO_BYTES, ClientHello, ClientHelloError, ClientHelloReader
 from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
 
 # What OpenSSL says when a peer closes without close_notify; Twisted turns an
 # error with this reason into ConnectionLost (tls._representsEOF).
 _UNEXPECTED_EOF = [("SSL routines", "", "unexpected eof while reading")]
+# Bytes held while a hello's lookup runs: the hello, and as much again after it.
+_MAX_HELD = 2 * MAX_HELLO_BYTES
 # Errors that only mean "call again later".
 _RETRY = (SSL.WantReadError, SSL.WantWriteError, SSL.WantX509LookupError)
 
@@ -87,7 +89,12 @@ class WatchedConnection:
         self._held += data
         reader = self._reader
         if reader is None:
-            return len(data)  # the hello was read; held until its lookup is over
+            # The hello was read and is held until its lookup is over. A client
+            # that keeps sending meanwhile (nothing it should send before the
+            # ServerHello comes near this) gets its bytes to OpenSSL at once.
+            if len(self._held) > _MAX_HELD:
+                self._release()
+            return len(data)
         try:
             hello = reader.feed(data)
         except ClientHelloError:
