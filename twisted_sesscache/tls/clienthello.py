@@ -127,9 +127,11 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     """Parse the start of a TLS connection as seen by the server.
 
     ``data`` is everything received so far, from the first byte. Returns
-    ``None`` while the bytes are a well-formed prefix of a ClientHello that
-    fits within :data:`MAX_HELLO_BYTES`; raises :class:`ClientHelloError` as
-    soon as they cannot be one. Bytes after a complete hello are ignored.
+    ``None`` while the bytes may still become a ClientHello that fits within
+    :data:`MAX_HELLO_BYTES`; raises :class:`ClientHelloError` once they cannot:
+    at once for the record layer and the message's type and size, when the
+    message is complete for its contents. Bytes after a complete hello are
+    ignored.
     """
     return ClientHelloReader().feed(data)
 
@@ -156,7 +158,7 @@ class ClientHelloReader:
         self._answer: ClientHello | None = None
         self._error: ClientHelloError | None = None
 
-    def feed(self, data: bytes) -> ClientHello | None:
+    def feed(self, data: bytes | bytearray | memoryview) -> ClientHello | None:
         """The hello once complete (and for good), ``None`` while more is needed; raises once it cannot be one."""
         if self._answer is not None:
             return self._answer
