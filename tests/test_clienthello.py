@@ -18,6 +18,7 @@ from twisted_sesscache.tls.clienthello import (
     MAX_HELLO_BYTES,
     ClientHello,
     ClientHelloError,
+    ClientHelloReader,
     parse_client_hello,
 )
 
@@ -783,3 +784,74 @@ def test_openssl_s_client_resumption_hello(tmp_path: Path, version_flag: str) ->
     else:
         assert hello.ticket and hello.psk_identities == ()
         assert len(hello.session_id) == 32
+
+
+# --- The incremental reader ---------------------------------------------------------
+
+
+def fed_outcomes(stream: bytes, cuts: list[int]) -> list[ClientHello | None | type[ClientHelloError]]:
+    """A ClientHelloReader's answer after each piece of ``stream`` cut at ``cuts``."""
+    reader, answers, start = ClientHelloReader(), [], 0
+    for cut in cuts:
+        try:
+            answers.append(reader.feed(stream[start:cut]))
+        except ClientHelloError:
+            answers.append(ClientHelloError)
+        start = cut
+    return answers
+
+
+@SETTINGS
+@given(spec=specs(), data=st.data())
+def test_reader_fed_in_pieces_answers_as_the_whole_parse(spec: Spec, data: st.DataObject) -> None:
+    """Fed piece by piece, the reader says after each piece what a parse of all so far says."""
+    msg = spec.message()
+    stream, _ = wrap(msg, data.draw(fragment_sizes(len(msg))))
+    if data.draw(st.booleans()):
+        stream = data.draw(mutated(stream))
+    cuts = sorted({*chunk_points(data.draw, len(stream)), len(stream)})
+    answers = fed_outcomes(stream, cuts)
+    assert answers == [outcome(stream[:cut]) for cut in cuts]
+
+
+def test_reader_fed_one_byte_at_a_time() -> None:
+    spec = Spec(session_id=bytes(32), server_name="a.test", psks=((b"id", 1, bytes(32)),), supported_versions=(0x0304,))
+    stream, hello_end = wrap(spec.message(), [1] * 2000)
+    answers = fed_outcomes(stream + b"\x17\x03\x03", list(range(1, len(stream) + 4)))
+    assert answers[: hello_end - 1] == [None] * (hello_end - 1)
+    assert set(answers[hello_end - 1 :]) == {spec.expected()}
+    sslv2 = sslv2_hello(0x0301, b"abc" * 3, b"", bytes(16))
+    assert fed_outcomes(sslv2, list(range(1, len(sslv2) + 1)))[-1].sslv2_compatible  # type: ignore[union-attr]
+
+
+def test_reader_cost_does_not_grow_with_the_pieces_so_far() -> None:
+    """A 64 KiB stream of one-byte records, fed a record at a time: linear, not quadratic."""
+    msg = Spec(cipher_suites=tuple(range(1, 5360))).message()
+    records = [record(msg[i : i + 1]) for i in range(len(msg))]
+    assert MAX_HELLO_BYTES - 1000 < sum(map(len, records)) < MAX_HELLO_BYTES
+    reader = ClientHelloReader()
+    started = time.process_time()
+    answers = [reader.feed(r) for r in records]
+    spent = time.process_time() - started
+    assert answers[-1] is not None and answers[:-1] == [None] * (len(records) - 1)
+    assert spent < 0.5, f"{spent:.3f} s for {len(records)} records"
+
+
+@pytest.mark.parametrize("length", [2**14 + 1, 2**14 + 256, 2**14 + 2048, 0xFFFF])
+def test_a_record_longer_than_plaintext_allows_is_refused_at_its_header(length: int) -> None:
+    """RFC 8446 5.1: plaintext records hold at most 2^14 bytes; OpenSSL answers record_overflow."""
+    header = b"\x16\x03\x01" + length.to_bytes(2, "big")
+    with pytest.raises(ClientHelloError):
+        ClientHelloReader().feed(header)
+    assert parse_client_hello(b"\x16\x03\x01\x40\x00") is None  # 2^14 itself is fine
+
+
+def test_reader_keeps_its_answer() -> None:
+    reader = ClientHelloReader()
+    with pytest.raises(ClientHelloError):
+        reader.feed(b"GET /")
+    with pytest.raises(ClientHelloError):
+        reader.feed(record(Spec().message()))
+    reader = ClientHelloReader()
+    hello = reader.feed(record(Spec().message()))
+    assert hello is not None and reader.feed(b"anything") is hello

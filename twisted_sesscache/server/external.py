@@ -66,8 +66,10 @@ class ExternalSessions:
             self.records.delete(self.key(sid_context, self.runtime.session_id(session)))
 
         def on_get(connection: SSL.Connection | None, session_id: bytes) -> bytes | None:
+            # Kept until the handshake ends (forget): after a HelloRetryRequest
+            # OpenSSL looks the same identity up again for the second ClientHello.
             fetched = self._fetched.get(connection) if connection is not None else None
-            return fetched.pop(session_id, None) if fetched else None
+            return fetched.get(session_id) if fetched else None
 
         self.runtime.set_session_callbacks(context, new=on_new, remove=on_remove, get=on_get)
 

@@ -7,9 +7,10 @@ Only the resumption-relevant fields are extracted; everything else is skipped,
 but every length is still checked so that a malformed or hostile hello is
 rejected instead of misread.
 
-The parser is incremental in the simplest way: the caller accumulates the
-bytes received so far and calls :func:`parse_client_hello` again; ``None``
-means "well-formed so far, send more". The answer for a prefix never
+:class:`ClientHelloReader` is fed the bytes as they arrive and looks at each
+once, so a hello trickled in one-byte records costs no more than one sent
+whole; :func:`parse_client_hello` is the same reader fed everything at once.
+``None`` means "well-formed so far, send more". The answer for a prefix never
 contradicts the answer for a longer stream: once a stream is rejected it stays
 rejected, and once a hello is complete the bytes after it do not matter.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from twisted_sesscache.exceptions import ClientHelloError
 
-__all__ = ["MAX_HELLO_BYTES", "ClientHello", "ClientHelloError", "parse_client_hello"]
+__all__ = ["MAX_HELLO_BYTES", "ClientHello", "ClientHelloError", "ClientHelloReader", "parse_client_hello"]
 
 #: The hello must be complete within this many bytes of the stream, so that a
 #: client can never make the server buffer more than this while it waits.
@@ -29,7 +30,10 @@ MAX_HELLO_BYTES: int = 64 * 1024
 _HANDSHAKE = 22  # record content type
 _CLIENT_HELLO = 1  # handshake message type
 _RECORD_HEADER = 5
-_MAX_RECORD_PAYLOAD = 2**14 + 2048  # TLSCiphertext bound; a lenient upper limit
+# A ClientHello travels in plaintext records, which RFC 8446 (5.1) bounds at
+# 2^14 bytes; a longer one goes to OpenSSL at once, for its record_overflow alert.
+_MAX_RECORD_PAYLOAD = 2**14
+_SSLV2_HEADER = 11  # length, type, version, and the three lengths
 _MAX_SESSION_ID = 32
 
 _EXT_SERVER_NAME = 0
@@ -123,68 +127,137 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     """Parse the start of a TLS connection as seen by the server.
 
     ``data`` is everything received so far, from the first byte. Returns
-    ``None`` while the bytes are a well-formed prefix of a ClientHello that
-    fits within :data:`MAX_HELLO_BYTES`; raises :class:`ClientHelloError` as
-    soon as they cannot be one. Bytes after a complete hello are ignored.
+    ``None`` while the bytes may still become a ClientHello that fits within
+    :data:`MAX_HELLO_BYTES`; raises :class:`ClientHelloError` once they cannot:
+    at once for the record layer and the message's type and size, when the
+    message is complete for its contents. Bytes after a complete hello are
+    ignored.
     """
-    total = len(data)
-    if not isinstance(data, bytes):
-        # A memoryview onto a caller's bytearray would pin it against resizing
-        # for as long as a traceback keeps our frame alive; copy instead.
-        data = bytes(data[:MAX_HELLO_BYTES])
-    view = memoryview(data)[:MAX_HELLO_BYTES]
-    try:
-        if not view:
-            raise _NeedMore
-        if view[0] & 0x80:
-            return _parse_sslv2(view)
-        return _parse_handshake(_reassemble(view))
-    except _NeedMore:
-        if total >= MAX_HELLO_BYTES:
-            # Whatever is missing lies beyond the bound, so no amount of
-            # further input can make this a hello we are willing to wait for.
-            raise ClientHelloError(
-                f"no complete ClientHello within the first {MAX_HELLO_BYTES} bytes"
-            ) from None
+    return ClientHelloReader().feed(data)
+
+
+class ClientHelloReader:
+    """Reads a ClientHello from the stream as it arrives, each byte looked at once.
+
+    :meth:`feed` takes the bytes received since the last call and answers as
+    :func:`parse_client_hello` would for everything received so far. Record
+    headers are checked as they complete and handshake payload is copied once;
+    the message itself is parsed once, when it is whole. A connection fed one
+    byte at a time costs what it would cost fed all at once.
+    """
+
+    __slots__ = ("_seen", "_header", "_left", "_message", "_need", "_sslv2", "_answer", "_error")
+
+    def __init__(self) -> None:
+        self._seen = 0  # bytes of the stream taken in, at most MAX_HELLO_BYTES
+        self._header = bytearray()  # the record header being read
+        self._left = 0  # payload bytes of the current record still to come
+        self._message = bytearray()  # handshake payload, up to the end of the first message
+        self._need = 0  # that message's size with its header; 0 while unknown
+        self._sslv2: bytearray | None = None  # the whole stream, for an SSL 2.0 hello
+        self._answer: ClientHello | None = None
+        self._error: ClientHelloError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> ClientHello | None:
+        """The hello once complete (and for good), ``None`` while more is needed; raises once it cannot be one."""
+        if self._answer is not None:
+            return self._answer
+        if self._error is not None:
+            raise self._error
+        # Only the bound's worth of the stream is ever looked at; copying a
+        # caller's buffer keeps no view onto it alive in a traceback.
+        room = MAX_HELLO_BYTES - self._seen
+        chunk = data[:room] if isinstance(data, bytes) else bytes(data[:room])
+        try:
+            answer = self._take(chunk) if chunk else None
+            self._seen += len(chunk)
+            if answer is None and self._seen >= MAX_HELLO_BYTES:
+                # Whatever is missing lies beyond the bound, so no amount of
+                # further input can make this a hello we are willing to wait for.
+                raise ClientHelloError(f"no complete ClientHello within the first {MAX_HELLO_BYTES} bytes")
+        except ClientHelloError as error:
+            self._error = error
+            raise
+        self._answer = answer
+        return answer
+
+    def _take(self, chunk: bytes) -> ClientHello | None:
+        if self._sslv2 is None and self._seen == 0 and chunk[0] & 0x80:
+            self._sslv2 = bytearray()
+        if self._sslv2 is not None:
+            return self._take_sslv2(chunk)
+        view = memoryview(chunk)
+        pos, n = 0, len(chunk)
+        while pos < n:
+            if self._left:
+                part = view[pos : pos + self._left]
+                pos += len(part)
+                self._left -= len(part)
+                hello = self._payload(part)
+                if hello is not None:
+                    return hello
+            else:
+                part = view[pos : pos + _RECORD_HEADER - len(self._header)]
+                pos += len(part)
+                self._record_header(part)
         return None
 
-
-def _reassemble(view: memoryview) -> _Buf:
-    """Concatenate handshake-record payloads up to the end of the first message.
-
-    Stops at the record completing the message so that whatever follows (even
-    non-handshake records) is never looked at.
-    """
-    n = len(view)
-    pos = 0
-    chunks: list[memoryview] = []
-    have = 0
-    need = 0  # size of the first handshake message with its header; 0: unknown yet
-    while pos < n:
-        if view[pos] != _HANDSHAKE:
-            raise ClientHelloError(f"expected a handshake record, got content type {view[pos]}")
-        if pos + 1 < n and view[pos + 1] != 3:
+    def _record_header(self, part: memoryview) -> None:
+        """Check a record header as far as it has come; a whole one opens its payload."""
+        header = self._header
+        had = len(header)
+        header += part
+        if had == 0 and header[0] != _HANDSHAKE:
+            raise ClientHelloError(f"expected a handshake record, got content type {header[0]}")
+        if had <= 1 < len(header) and header[1] != 3:
             raise ClientHelloError("record version is not TLS")
-        if pos + _RECORD_HEADER > n:
-            break
-        length = (view[pos + 3] << 8) | view[pos + 4]
-        if not 0 < length <= _MAX_RECORD_PAYLOAD:
-            raise ClientHelloError(f"bad handshake record length {length}")
-        fragment = view[pos + _RECORD_HEADER : pos + _RECORD_HEADER + length]
-        if fragment:
-            chunks.append(fragment)
-            have += len(fragment)
-            if not need and have >= 4:
-                head = chunks[0] if len(chunks[0]) >= 4 else b"".join(chunks)
-                need = 4 + ((head[1] << 16) | (head[2] << 8) | head[3])
-            if need and have >= need:
-                break
-        if len(fragment) < length:
-            break
-        pos += _RECORD_HEADER + length
-    if not chunks:
-        raise _NeedMore
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(header) == _RECORD_HEADER:
+            length = (header[3] << 8) | header[4]
+            if not 0 < length <= _MAX_RECORD_PAYLOAD:
+                raise ClientHelloError(f"bad handshake record length {length}")
+            self._left = length
+            header.clear()
+
+    def _payload(self, part: memoryview) -> ClientHello | None:
+        """Append handshake payload up to the end of the first message; parse that once whole."""
+        message = self._message
+        had = len(message)
+        message += part[: self._need - had] if self._need else part
+        if had == 0 and message[0] != _CLIENT_HELLO:
+            raise ClientHelloError(f"first handshake message has type {message[0]}, not ClientHello")
+        if not self._need and len(message) >= 4:
+            self._need = 4 + ((message[1] << 16) | (message[2] << 8) | message[3])
+            # At least one record header precedes the message, and all of it must fit.
+            if self._need + _RECORD_HEADER > MAX_HELLO_BYTES:
+                raise ClientHelloError(f"ClientHello of {self._need - 4} bytes is too large")
+            del message[self._need :]
+        if not self._need or len(message) < self._need:
+            return None
+        return _parse_complete(bytes(message))
+
+    def _take_sslv2(self, chunk: bytes) -> ClientHello | None:
+        """An SSL 2.0 hello announces its size first: its header is checked as it comes, the rest once whole."""
+        buf = self._sslv2
+        assert buf is not None
+        had = len(buf)
+        buf += chunk[: self._need - had] if self._need else chunk
+        if not self._need and len(buf) >= 2:
+            self._need = 2 + (((buf[0] << 8) | buf[1]) & 0x7FFF)
+            del buf[self._need :]
+        if had >= _SSLV2_HEADER and len(buf) < self._need:
+            return None  # every field the header holds was checked when it completed
+        try:
+            return _parse_sslv2(memoryview(bytes(buf)))
+        except _NeedMore:
+            return None
+
+
+def _parse_complete(message: bytes) -> ClientHello:
+    """A whole handshake message: every read stays within it, so none can run out of bytes."""
+    try:
+        return _parse_handshake(message)
+    except _NeedMore:  # pragma: no cover - lengths are checked against the message's end first
+        raise ClientHelloError("ClientHello ends early") from None
 
 
 def _parse_handshake(buf: _Buf) -> ClientHello:

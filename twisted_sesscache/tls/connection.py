@@ -16,12 +16,16 @@ from typing import Any, Protocol
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
-from twisted_sesscache.tls.clienthello import ClientHello, ClientHelloError, parse_client_hello
+from twisted_sesscache.tls.clienthello import MAX_HELLO_BYTES, ClientHello, ClientHelloError, ClientHelloReader
 from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
 
 # What OpenSSL says when a peer closes without close_notify; Twisted turns an
 # error with this reason into ConnectionLost (tls._representsEOF).
 _UNEXPECTED_EOF = [("SSL routines", "", "unexpected eof while reading")]
+# Bytes held while a hello's lookup runs: the hello, and as much again after it.
+_MAX_HELD = 2 * MAX_HELLO_BYTES
+# Errors that only mean "call again later".
+_RETRY = (SSL.WantReadError, SSL.WantWriteError, SSL.WantX509LookupError)
 
 
 class HandshakeObserver(Protocol):
@@ -61,9 +65,12 @@ class WatchedConnection:
         self._started = False
         self._waiting = False
         self._closed = False
+        self._failed = False  # a fatal handshake error: Twisted is tearing the connection down
         # Server side: bytes held back until the ClientHello is read and what it
         # offers has been fetched; None once they flow straight to OpenSSL.
         self._held: bytearray | None = bytearray() if read_hello else None
+        # Reads the hello as the held bytes arrive; None once it is read (or refused).
+        self._reader: ClientHelloReader | None = ClientHelloReader() if read_hello else None
 
     def __getattr__(self, name: str) -> Any:
         # Bound methods are cached on the instance so that the calls Twisted
@@ -80,12 +87,23 @@ class WatchedConnection:
         if self._held is None:
             return self.connection.bio_write(data) if data else 0
         self._held += data
+        reader = self._reader
+        if reader is None:
+            # The hello was read and is held until its lookup is over. A client
+            # that keeps sending meanwhile (nothing it should send before the
+            # ServerHello comes near this) gets its bytes to OpenSSL at once.
+            if len(self._held) > _MAX_HELD:
+                self._release()
+            return len(data)
         try:
-            hello = parse_client_hello(bytes(self._held))
+            hello = reader.feed(data)
         except ClientHelloError:
+            self._reader = None
             self._release()  # OpenSSL rejects it with the proper alert
             return len(data)
         if hello is not None:
+            # One hello, one lookup: whatever arrives from now on is only held.
+            self._reader = None
             self.hello = hello
             waiting = self._observer.client_hello(self, hello)
             if waiting is None:
@@ -109,10 +127,17 @@ class WatchedConnection:
         self._drive()
 
     def _drive(self) -> None:
-        """Have Twisted call do_handshake again (an empty read does exactly that)."""
+        """Have Twisted call do_handshake again (an empty read does exactly that).
+
+        Only while the TLS protocol still drives this connection: after a fatal
+        TLS error Twisted drops the connection without ``bio_shutdown`` and
+        then forgets it (``connectionLost`` sets ``_tlsConnection`` to None),
+        so a lookup answering late must find nothing left to do.
+        """
         tls_protocol = self.connection.get_app_data()
-        if not self._closed and tls_protocol is not None:
-            tls_protocol.dataReceived(b"")
+        if self._closed or self._failed or tls_protocol is None or not getattr(tls_protocol, "connected", False):
+            return
+        tls_protocol.dataReceived(b"")
 
     def _begin(self) -> None:
         """Tell the observer the handshake begins; raise WantReadError while it holds it back."""
@@ -128,7 +153,13 @@ class WatchedConnection:
 
     def do_handshake(self) -> None:
         self._begin()
-        self.connection.do_handshake()
+        try:
+            self.connection.do_handshake()
+        except _RETRY:
+            raise
+        except SSL.Error:
+            self._failed = True
+            raise
         if not self.handshake_complete:
             self.handshake_complete = True
             self._observer.handshake_done(self)
