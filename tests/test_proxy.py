@@ -19,6 +19,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, T
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from tests.support import ReactorThread, TLSFiles, free_port, resume_series, s_server
@@ -43,11 +44,16 @@ class FakeEndpoint:
         return attempt
 
 
-def accepted() -> tuple[ProxyServer, StringTransport, FakeEndpoint]:
+def accepted(**settings: Any) -> tuple[ProxyServer, StringTransport, FakeEndpoint]:
+    """A proxied connection whose TLS handshake has just completed: the upstream attempt starts then."""
     endpoint = FakeEndpoint()
-    server = ProxyFactory(endpoint).buildProtocol(None)  # type: ignore[arg-type]
+    settings.setdefault("clock", Clock())
+    server = ProxyFactory(endpoint, guard=False, **settings).buildProtocol(None)  # type: ignore[arg-type]
+    assert isinstance(server, ProxyServer)
     transport = StringTransport()
     server.makeConnection(transport)
+    assert endpoint.attempts == [], "no backend connection before the handshake"
+    server.handshakeCompleted()
     return server, transport, endpoint
 
 
@@ -61,7 +67,8 @@ def connect_upstream(endpoint: FakeEndpoint) -> tuple[ProxyClient, StringTranspo
 
 
 def test_reads_nothing_until_upstream_is_connected() -> None:
-    server, transport, endpoint = accepted()
+    """With no room for early data (max_early_data=0), reading waits for the upstream leg."""
+    server, transport, endpoint = accepted(max_early_data=0)
     assert transport.producerState == "paused" and len(endpoint.attempts) == 1
     server.dataReceived(b"early bytes")
     client, upstream = connect_upstream(endpoint)
@@ -220,9 +227,9 @@ def test_flow_control_stops_reading_upstream_while_the_client_does_not_read(
     servers: list[ProxyServer] = []
 
     class RecordingProxyFactory(ProxyFactory):
-        def buildProtocol(self, addr: Any) -> ProxyServer:
-            protocol = super().buildProtocol(addr)
-            servers.append(protocol)
+        def buildProtocol(self, addr: Any) -> Any:
+            protocol: Any = super().buildProtocol(addr)
+            servers.append(protocol.wrappedProtocol)  # inside its handshake guard
             return protocol
 
     creator = SessionCache().server_context_factory(certificate_options(tls_files.certificate, tls_files.private_key))
