@@ -16,11 +16,15 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tests.support import ReactorThread, TLSFiles, free_port, resume_series, s_server
 from tests.test_tap import Browser, assert_clean_exit, files_args, get, twistd
@@ -150,6 +154,239 @@ def test_client_gone_before_upstream_connects() -> None:
 def test_upstream_endpoint_is_built_from_the_options() -> None:
     endpoint = upstream_endpoint(reactor, {"upstream": "tcp:127.0.0.1:8080"})
     assert isinstance(endpoint, TCP4ClientEndpoint)
+
+
+# -- handshake first, early data, idle, resets, shutdown (task.Clock) -----------------------
+
+
+def test_early_data_is_held_up_to_the_limit_then_reading_pauses() -> None:
+    server, transport, endpoint = accepted(max_early_data=64 * 1024)
+    server.dataReceived(b"a" * 40_000)
+    assert transport.producerState == "producing"
+    server.dataReceived(b"b" * 40_000)
+    assert transport.producerState == "paused", "more than 64 KiB held: stop reading the client"
+    client, upstream = connect_upstream(endpoint)
+    assert upstream.value() == b"a" * 40_000 + b"b" * 40_000
+    assert transport.producerState == "producing"
+
+
+def test_idle_both_ways_closes_both_legs() -> None:
+    clock = Clock()
+    server, transport, endpoint = accepted(clock=clock, idle_timeout=600)
+    client, upstream = connect_upstream(endpoint)
+    clock.advance(300)
+    client.dataReceived(b"traffic from upstream")
+    clock.advance(599)
+    assert not upstream.disconnecting, "traffic 299 s ago: not idle"
+    clock.advance(1)
+    assert upstream.disconnecting and upstream.producer is None
+    client.connectionLost()
+    assert transport.disconnecting
+
+
+def test_upstream_reset_reaches_the_client_as_an_abort_not_a_clean_close() -> None:
+    from twisted.internet.error import ConnectionLost
+
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    client.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+    assert transport.disconnected, "no TLS handle here: abortConnection"
+    assert server.proxy.counts["upstream_resets"] == 1
+
+
+def test_upstream_reset_under_tls_skips_close_notify_after_the_relayed_bytes() -> None:
+    from OpenSSL import SSL
+    from twisted.internet.error import ConnectionLost
+
+    class Handle:
+        shutdown = 0
+
+        def set_shutdown(self, state: int) -> None:
+            self.shutdown = state
+
+    class TLSTransport(StringTransport):
+        handle = Handle()
+
+        def getHandle(self) -> Handle:
+            return self.handle
+
+    endpoint = FakeEndpoint()
+    server: Any = ProxyFactory(endpoint, guard=False, clock=Clock()).buildProtocol(None)  # type: ignore[arg-type]
+    transport = TLSTransport()
+    server.makeConnection(transport)
+    server.handshakeCompleted()
+    client, upstream = connect_upstream(endpoint)
+    client.dataReceived(b"half a body")
+    client.connectionLost(Failure(ConnectionLost()))
+    assert transport.value() == b"half a body" and transport.disconnecting and not transport.disconnected
+    assert transport.handle.shutdown == SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN, "no close_notify is sent"
+
+
+def test_unreachable_upstream_is_counted() -> None:
+    server, transport, endpoint = accepted()
+    endpoint.attempts[0][1].errback(ConnectionRefusedError())
+    assert server.proxy.counts["upstream_connect_failures"] == 1
+
+
+def test_shutdown_waits_for_proxied_connections() -> None:
+    clock = Clock()
+    factory = ProxyFactory(FakeEndpoint(), guard=False, clock=clock)
+    servers = []
+    for _ in range(2):
+        server: Any = factory.buildProtocol(None)  # type: ignore[arg-type]
+        server.makeConnection(StringTransport())
+        server.handshakeCompleted()
+        servers.append(server)
+    done = factory.shutdown(10)
+    servers[0].connectionLost()
+    clock.advance(5)
+    assert not done.called
+    servers[1].connectionLost()
+    assert done.called
+
+
+def test_shutdown_closes_what_is_left_at_the_deadline_and_drops_handshakes() -> None:
+    from twisted_sesscache.shutdown import GRACE
+
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    factory = ProxyFactory(endpoint, clock=clock)
+    guard: Any = factory.buildProtocol(None)  # type: ignore[arg-type]
+    handshaking = StringTransport()
+    guard.makeConnection(handshaking)
+    server, transport, endpoint = accepted(clock=clock)
+    factory.drain.add(server)
+    client, upstream = connect_upstream(endpoint)
+    done = factory.shutdown(10)
+    assert handshaking.disconnected, "a handshake in progress has nothing in flight: dropped at once"
+    guard.connectionLost(Failure(ConnectionDone()))
+    assert factory.handshakes.counts == {"handshake_failures": 0, "handshake_timeouts": 0}
+    clock.advance(10)
+    assert upstream.disconnecting and not done.called
+    clock.advance(GRACE)
+    assert transport.disconnected and done.called
+
+
+@pytest.mark.parametrize("bad", [{"upstream_proxy_protocol": "v3"}, {"handshake_timeout": 0},
+                                 {"idle_timeout": -1}, {"max_early_data": -1}, {"shutdown_timeout": 0}])
+def test_bad_settings_name_the_setting(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as raised:
+        ProxyFactory(FakeEndpoint(), clock=Clock(), **bad)  # type: ignore[arg-type]
+    assert str(raised.value).startswith(next(iter(bad)))
+
+
+def test_no_factory_says_starting_or_stopping_per_connection() -> None:
+    from twisted_sesscache.proxy import _UpstreamFactory
+    from twisted_sesscache.proxy_protocol import _HeaderFirstFactory
+
+    factory = ProxyFactory(FakeEndpoint(), clock=Clock())
+    assert not factory.noisy and factory.guard is not None and not factory.guard.noisy
+    assert not _UpstreamFactory(None).noisy  # type: ignore[arg-type]
+    assert not _HeaderFirstFactory(factory, b"").noisy
+
+
+# -- the handshake guard and the rate-limited failure log -----------------------------------
+
+
+def guarded(timeout: float | None = 10) -> tuple[Any, StringTransport, Any, Clock, list[dict[str, Any]]]:
+    from twisted.logger import Logger
+
+    from twisted_sesscache.handshakes import HandshakeFailures, HandshakeGuardFactory
+
+    clock, events = Clock(), []
+    failures = HandshakeFailures(clock, log=Logger(observer=events.append))
+    inner = Factory.forProtocol(Protocol)
+    guard = HandshakeGuardFactory(inner, failures, timeout=timeout, clock=clock).buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    guard.makeConnection(transport)
+    return guard, transport, failures, clock, events
+
+
+def test_guard_drops_a_handshake_not_done_in_time() -> None:
+    from twisted.logger import formatEvent
+
+    guard, transport, failures, clock, events = guarded(timeout=10)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnected
+    guard.connectionLost(Failure(ConnectionDone()))
+    assert failures.counts == {"handshake_failures": 0, "handshake_timeouts": 1}
+    assert [formatEvent(e) for e in events] == ["TLS handshake with 192.0.2.7:40000 not completed after 10 s: dropped"]
+
+
+def test_guard_passes_the_handshake_on_and_stops_its_timer() -> None:
+    seen = []
+
+    @implementer(IHandshakeListener)
+    class Listener(Protocol):
+        def handshakeCompleted(self) -> None:
+            seen.append(True)
+
+    guard, transport, failures, clock, events = guarded()
+    guard.wrappedProtocol = Listener()
+    guard.handshakeCompleted()
+    clock.advance(60)
+    guard.connectionLost(Failure(ConnectionDone()))
+    assert seen == [True] and not transport.disconnecting and clock.getDelayedCalls() == []
+    assert failures.counts == {"handshake_failures": 0, "handshake_timeouts": 0}
+
+
+def test_guard_counts_and_names_a_failed_handshake() -> None:
+    from OpenSSL import SSL
+    from twisted.logger import formatEvent
+
+    guard, transport, failures, clock, events = guarded()
+    try:
+        raise SSL.Error([("SSL routines", "", "http request")])
+    except SSL.Error:
+        guard.connectionLost(Failure())
+    assert failures.counts["handshake_failures"] == 1 and failures.reasons == {"http request": 1}
+    assert [formatEvent(e) for e in events] == ["TLS handshake with 192.0.2.7:40000 failed: http request"]
+
+
+def test_failure_log_is_rate_limited_with_a_summary() -> None:
+    from twisted.logger import Logger, formatEvent
+
+    from twisted_sesscache.failures import RateLimitedLog
+
+    clock, events = Clock(), []
+    log = RateLimitedLog(Logger(observer=events.append), clock, "handshake failures",
+                         lines_per_second=3, summary_interval=10)
+    logged = [log.emit("failure {n}", n=n) for n in range(100)]  # a scan: 100 in one instant
+    assert logged.count(True) == 3 and len(events) == 3
+    clock.advance(0.5)
+    assert not log.emit("failure {n}", n=100)
+    clock.advance(1.0)
+    assert log.emit("failure {n}", n=101), "a new second: a new allowance"
+    clock.advance(8.5)
+    assert [formatEvent(e) for e in events[4:]] == ["98 more handshake failures in the last 10 s"]
+    clock.advance(60)
+    assert len(events) == 5, "nothing suppressed since: no summary"
+
+
+# -- PROXY protocol headers ------------------------------------------------------------
+
+
+def test_proxy_protocol_headers() -> None:
+    from twisted.internet.address import IPv6Address
+
+    from twisted_sesscache.proxy_protocol import V2_SIGNATURE, header
+
+    v4 = (IPv4Address("TCP", "192.0.2.7", 40000), IPv4Address("TCP", "10.0.0.1", 8443))
+    v6 = (IPv6Address("TCP", "2001:db8::7", 40000), IPv6Address("TCP", "::1", 8443))
+    assert header("v1", *v4) == b"PROXY TCP4 192.0.2.7 10.0.0.1 40000 8443\r\n"
+    assert header("v1", *v6) == b"PROXY TCP6 2001:db8::7 ::1 40000 8443\r\n"
+    assert header("v2", *v4) == (V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([192, 0, 2, 7, 10, 0, 0, 1])
+                                 + b"\x9c\x40\x20\xfb")
+    v2_v6 = header("v2", *v6)
+    assert v2_v6[12:16] == b"\x21\x21\x00\x24" and len(v2_v6) == 16 + 36
+    assert v2_v6[16:32] == socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+    from twisted.internet.address import UNIXAddress
+
+    unix = (UNIXAddress(b"/tmp/s"), UNIXAddress(b"/tmp/s"))
+    assert header("v1", *unix) == b"PROXY UNKNOWN\r\n"
+    assert header("v2", *unix) == V2_SIGNATURE + b"\x20\x00\x00\x00"
 
 
 # -- a real relay ---------------------------------------------------------------------------

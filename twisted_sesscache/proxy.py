@@ -191,7 +191,7 @@ class ProxyServer(Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close both legs the orderly way (idle, or at the end of a shutdown)."""
+        """Close both legs the orderly way (idle both ways: nothing is in flight)."""
         if self._closed:
             return
         if self._connecting is not None:
@@ -201,6 +201,17 @@ class ProxyServer(Protocol):
             close_orderly(peer.transport)  # its connectionLost then closes this leg
         else:
             close_orderly(self.transport)
+
+    def cut(self) -> None:
+        """The end of a shutdown's wait: what the client got may be incomplete, so no ``close_notify``."""
+        if self._closed:
+            return
+        if self._connecting is not None:
+            self._connecting.cancel()
+        close_truncated(self.transport)
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            close_orderly(peer.transport)
 
     def upstreamLost(self, client: ProxyClient, reason: Failure = connectionDone) -> None:
         """The upstream leg closed: a clean close becomes ``close_notify``, anything else truncation."""
@@ -335,12 +346,12 @@ class ProxyFactory(Factory):
         """Count and log (rate-limited) an upstream leg that could not connect, failed TLS or was reset."""
         self.counts[self.UPSTREAM_COUNTERS[kind]] += 1
         what = {"connect": "cannot reach {upstream}", "tls": "TLS with {upstream} failed",
-                "reset": "{upstream} closed without a clean end"}[kind]
+                "reset": "{upstream} reset or closed without a clean end"}[kind]
         self._upstream_log.emit(f"Proxying {{peer}}: {what}: {{reason}}", peer=peer_text(peer),
                                 upstream=self.name, reason=failure_reason(reason))
 
     def shutdown(self, timeout: float | None = None) -> Deferred[None]:
-        """Stop new work and let proxied connections finish for ``timeout`` s, then close the rest.
+        """Stop new work and let proxied connections finish for ``timeout`` s, then cut the rest.
 
         The listening port is stopped by its own service; handshakes still in
         progress are dropped now, since they have nothing in flight yet.
@@ -354,7 +365,7 @@ class ProxyFactory(Factory):
         self.handshakes.flush()
         self._upstream_log.flush()
         return self.drain.wait(self.shutdown_timeout if timeout is None else timeout,
-                               close=lambda server: server.close(),
+                               close=lambda server: server.cut(),
                                abort=lambda server: server.transport.abortConnection())
 
 
