@@ -410,3 +410,47 @@ def test_sigterm_cuts_what_is_still_open_at_the_shutdown_timeout(reactor_thread:
     assert len(ends) == 5 and "close_notify" not in ends, ends  # cut responses must not look complete
     assert "Shutdown: closing 5 proxied connections still open after 1 s" in run["output"], run["output"]
     assert run["exited"] < 6, run["output"]
+
+
+# -- the guard under any listener: the status page (a twisted.web Site) -----------------
+
+
+def test_guard_under_the_status_site_keeps_alpn_and_tls_and_counts_failures(
+    reactor_thread: ReactorThread, tls_files: TLSFiles
+) -> None:
+    import json
+
+    from twisted_sesscache import SessionCache
+    from twisted_sesscache.handshakes import HandshakeGuardFactory
+    from twisted_sesscache.status import status_site
+
+    rt = reactor_thread
+    cache = SessionCache()
+    failures = HandshakeFailures(reactor)
+    site = HandshakeGuardFactory(status_site(cache), failures, timeout=1.0, clock=reactor)
+    endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+                                 cache.server_context_factory(certificate_options(tls_files.certificate,
+                                                                                  tls_files.private_key)))
+    port = rt.call(endpoint.listen, site)
+    try:
+        number = port.getHost().port
+        context = tls_client()
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with socket.create_connection(("127.0.0.1", number), timeout=10) as raw, \
+                context.wrap_socket(raw) as tls:
+            alpn = tls.selected_alpn_protocol()
+            tls.sendall(b"GET /status.json HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            page = b""
+            while chunk := tls.recv(65536):
+                page += chunk
+        with socket.create_connection(("127.0.0.1", number), timeout=10) as idle:
+            try:
+                assert idle.recv(10) == b""  # dropped after the handshake timeout
+            except ConnectionResetError:
+                pass
+        until(lambda: failures.counts["handshake_timeouts"] == 1, what="the idle client to be dropped")
+    finally:
+        rt.call(port.stopListening)
+    assert alpn == "http/1.1", "the Site's ALPN list still reaches the TLS layer through the guard"
+    assert json.loads(page.split(b"\r\n\r\n", 1)[1])["connection"]["tls"] is True
+    assert failures.counts == {"handshake_failures": 0, "handshake_timeouts": 1}

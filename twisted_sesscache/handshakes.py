@@ -15,11 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IProtocol, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from twisted_sesscache.failures import RateLimitedLog, failure_reason, peer_text
 
@@ -125,6 +133,12 @@ class HandshakeGuardFactory(WrappingFactory):
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.failures = failures
         self.timeout = timeout
+        # Twisted's TLS layer asks the factory it wraps for the ALPN protocols: pass the question on.
+        if IProtocolNegotiationFactory.providedBy(wrappedFactory):
+            alsoProvides(self, IProtocolNegotiationFactory)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return list(IProtocolNegotiationFactory(self.wrappedFactory).acceptableProtocols())
 
     def wrap(self, protocol: IProtocol) -> HandshakeGuard:
         """A guard around a protocol built elsewhere (by a factory that guards its own protocols)."""
