@@ -224,6 +224,8 @@ def test_unreachable_upstream_is_counted() -> None:
     server, transport, endpoint = accepted()
     endpoint.attempts[0][1].errback(ConnectionRefusedError())
     assert server.proxy.counts["upstream_connect_failures"] == 1
+    assert server.proxy.stats() == {"handshake_failures": 0, "handshake_timeouts": 0, "upstream_connect_failures": 1,
+                                    "upstream_tls_failures": 0, "upstream_resets": 0, "open_connections": 1}
 
 
 def test_shutdown_waits_for_proxied_connections() -> None:

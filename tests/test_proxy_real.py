@@ -193,6 +193,20 @@ def test_plain_http_on_the_tls_port_is_counted_and_logged_once(
     assert relay.factory.handshakes.reasons == {"http request": 1}
 
 
+def test_a_client_that_rejects_the_certificate_is_counted_with_the_alert(
+    reactor_thread: ReactorThread, tls_files: TLSFiles
+) -> None:
+    with backend(reactor_thread, tls_files, False) as upstream, proxy(reactor_thread, tls_files, upstream) as relay:
+        strict = ssl.create_default_context()  # the platform's trust store: our self-signed certificate is unknown
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                strict.wrap_socket(raw, server_hostname="localhost")
+        until(lambda: relay.count("handshake_failures") == 1, what="the failure to be counted")
+        assert upstream.connections == 0
+    (reason,) = relay.factory.handshakes.reasons
+    assert "alert" in reason and ("unknown ca" in reason or "certificate unknown" in reason), reason
+
+
 # -- what the upstream leg does, passed on ------------------------------------------------
 
 BODY_PART = b"x" * 100_000

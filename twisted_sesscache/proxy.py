@@ -330,6 +330,10 @@ class ProxyFactory(Factory):
         protocol.factory = self
         return self.guard.wrap(protocol) if self.guard is not None else protocol
 
+    def stats(self) -> dict[str, int]:
+        """The counters for the stats page: handshake failures and timeouts, upstream failures, accepted connections still open."""
+        return {**self.handshakes.counts, **self.counts, "open_connections": len(self.drain)}
+
     def connect_upstream(self, server: ProxyServer) -> Deferred[ProxyClient]:
         """Connect a new upstream leg for ``server`` (the PROXY header, then TLS, as configured)."""
         endpoint = self.upstream
