@@ -2,7 +2,7 @@
 
 Idle TCP clients, plain HTTP on the TLS port, an upstream reset mid-body, a
 backend that fails verification, the PROXY header read by Twisted's own
-``haproxy:`` endpoint, and SIGTERM with requests in flight (``twistd -y``).
+``haproxy:`` endpoint, and SIGTERM with requests in flight (``twistd sesscache``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.support import ReactorThread, TLSFiles, free_port
 from tests.test_proxy import Upstream
-from tests.test_tap import twistd
+from tests.test_tap import assert_usage_error, files_args, run_twistd, twistd
 from twisted_sesscache.certs import certificate_options
 from twisted_sesscache.endpoints import TLSServerEndpoint
 from twisted_sesscache.handshakes import HandshakeFailures
@@ -332,25 +332,6 @@ def test_backend_sees_the_client_address_through_the_proxy_protocol(
 
 # -- SIGTERM with requests in flight (a real twistd) -----------------------------------
 
-TAC = """
-from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted_sesscache import SessionCache
-from twisted_sesscache.certs import certificate_options
-from twisted_sesscache.endpoints import TLSServerEndpoint
-from twisted_sesscache.proxy import ProxyFactory, ProxyShutdownService
-
-cache = SessionCache()
-creator = cache.server_context_factory(certificate_options({certificate!r}, {private_key!r}))
-factory = ProxyFactory(TCP4ClientEndpoint(reactor, "127.0.0.1", {backend}), shutdown_timeout={timeout})
-application = service.Application("sesscache proxy")
-listener = StreamServerEndpointService(
-    TLSServerEndpoint(TCP4ServerEndpoint(reactor, {port}, interface="127.0.0.1"), creator), factory)
-listener.setServiceParent(application)
-ProxyShutdownService(factory).setServiceParent(application)
-"""
 SLOW_BODY = bytes(range(256)) * 1024  # 256 KiB
 
 
@@ -376,14 +357,12 @@ class Slow(Protocol):
 
 def sigterm_in_flight(rt: ReactorThread, files: TLSFiles, tmp_path: Path, delay: float, timeout: float,
                       count: int = 20) -> dict[str, Any]:
-    """``count`` requests through a twistd proxy, SIGTERM once the backend has them all; what each got."""
+    """``count`` requests through ``twistd sesscache``, SIGTERM once the backend has them all; what each got."""
     port = free_port()
     with backend(rt, files, False, Slow) as upstream:
         upstream.factory.requests, upstream.factory.delay = 0, delay  # type: ignore[attr-defined]
-        tac = tmp_path / "proxy.tac"
-        tac.write_text(TAC.format(certificate=str(files.certificate), private_key=str(files.private_key),
-                                  backend=upstream.port, port=port, timeout=timeout))
-        with twistd(tmp_path, "-y", str(tac)) as process:
+        with twistd(tmp_path, "sesscache", "--listen", f"tcp:{port}:interface=127.0.0.1", *files_args(files),
+                    "--upstream", f"tcp:127.0.0.1:{upstream.port}", "--shutdown-timeout", str(timeout)) as process:
             process.wait_for(port)
             results: list[tuple[bytes, str]] = []
             clients = [threading.Thread(target=lambda: results.append(request(port, "/slow"))) for _ in range(count)]
@@ -468,3 +447,72 @@ def test_guard_under_the_status_site_keeps_alpn_and_tls_and_counts_failures(
     assert alpn == "http/1.1", "the Site's ALPN list still reaches the TLS layer through the guard"
     assert json.loads(page.split(b"\r\n\r\n", 1)[1])["connection"]["tls"] is True
     assert failures.counts == {"handshake_failures": 0, "handshake_timeouts": 1}
+
+
+# -- the same through twistd sesscache's options ------------------------------------------
+
+
+def test_twistd_drops_idle_clients_without_a_backend_connection(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    port = free_port()
+    with backend(reactor_thread, tls_files, False) as upstream:
+        with twistd(tmp_path, "sesscache", "--listen", f"tcp:{port}:interface=127.0.0.1", *files_args(tls_files),
+                    "--upstream", f"tcp:127.0.0.1:{upstream.port}", "--handshake-timeout", "1") as process:
+            process.wait_for(port)
+            started = time.monotonic()
+            sockets = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+            try:
+                for client in sockets:
+                    try:
+                        client.recv(10)
+                    except ConnectionResetError:
+                        pass
+            finally:
+                for client in sockets:
+                    client.close()
+            dropped = time.monotonic() - started
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+                plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                plain_port = plain.getsockname()[1]
+                try:
+                    plain.recv(10)
+                except ConnectionResetError:
+                    pass
+            page, end = request(port)
+            output = process.output()
+    assert 0.9 <= dropped < 4 and upstream.connections == 1, (dropped, upstream.connections)  # the real client's
+    assert page.startswith(b"HTTP/1.0 200 OK") and end == "close_notify"
+    assert output.count(f"TLS handshake with 127.0.0.1:{plain_port} failed: http request") == 1, output
+    assert "not completed after 1 s: dropped" in output
+    assert "Starting factory" not in output and "Stopping factory" not in output, output
+
+
+def test_twistd_sends_the_proxy_header(reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path) -> None:
+    port = free_port()
+    with haproxy_backend(reactor_thread, tls_files, False) as upstream:
+        with twistd(tmp_path, "sesscache", "--listen", f"tcp:{port}:interface=127.0.0.1", *files_args(tls_files),
+                    "--upstream", f"tcp:127.0.0.1:{upstream.port}", "--upstream-proxy-protocol", "v2") as process:
+            process.wait_for(port)
+            bound: list[Any] = []
+            page, end = request(port, bound=bound)
+    assert page.endswith(f"peer 127.0.0.1 {bound[0][1]} host 127.0.0.1 {port}\n".encode()), page
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--handshake-timeout", "soon"], "--handshake-timeout"),
+        (["--handshake-timeout", "0"], "--handshake-timeout"),
+        (["--idle-timeout", "-5"], "--idle-timeout"),
+        (["--shutdown-timeout", "nan"], "--shutdown-timeout"),
+        (["--upstream-proxy-protocol", "v3"], "--upstream-proxy-protocol"),
+    ],
+)
+def test_twistd_refuses_bad_proxy_settings(tls_files: TLSFiles, args: list[str], option: str) -> None:
+    done = run_twistd("sesscache", *files_args(tls_files), "--upstream", "tcp:127.0.0.1:1", *args)
+    assert_usage_error(done, option)
+
+
+def test_twistd_refuses_proxy_settings_without_upstream(tls_files: TLSFiles) -> None:
+    assert_usage_error(run_twistd("sesscache", *files_args(tls_files), "--idle-timeout", "5"), "--idle-timeout")

@@ -30,8 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from twisted_sesscache.failures import RateLimitedLog, failure_reason, peer_text
-
-HANDSHAKE_TIMEOUT = 10.0
+from twisted_sesscache.proxy_config import HANDSHAKE_TIMEOUT
 
 
 class HandshakeFailures:
@@ -153,4 +152,4 @@ class HandshakeGuardFactory(WrappingFactory):
         return len(pending)
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "HandshakeFailures", "HandshakeGuard", "HandshakeGuardFactory"]
+__all__ = ["HandshakeFailures", "HandshakeGuard", "HandshakeGuardFactory"]

@@ -35,13 +35,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_sesscache.failures import RateLimitedLog, failure_reason, peer_text
-from twisted_sesscache.handshakes import HANDSHAKE_TIMEOUT, HandshakeFailures, HandshakeGuardFactory
-from twisted_sesscache.proxy_protocol import VERSIONS, HeaderFirstEndpoint, header
+from twisted_sesscache.handshakes import HandshakeFailures, HandshakeGuardFactory
+from twisted_sesscache.proxy_config import (
+    HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_EARLY_DATA,
+    SHUTDOWN_TIMEOUT,
+    ProxySettings,
+)
+from twisted_sesscache.proxy_protocol import HeaderFirstEndpoint, header
 from twisted_sesscache.shutdown import Drain
-
-IDLE_TIMEOUT = 600.0
-MAX_EARLY_DATA = 64 * 1024
-SHUTDOWN_TIMEOUT = 10.0
 
 
 @implementer(IPushProducer)
@@ -305,7 +308,7 @@ class ProxyFactory(Factory):
         guard: bool = True,
         clock: IReactorTime | None = None,
     ) -> None:
-        _check(upstream_proxy_protocol, handshake_timeout, idle_timeout, max_early_data, shutdown_timeout)
+        ProxySettings(handshake_timeout, idle_timeout, shutdown_timeout, max_early_data, upstream_proxy_protocol)
         if clock is None:
             from twisted.internet import reactor
 
@@ -373,17 +376,6 @@ class ProxyFactory(Factory):
                                abort=lambda server: server.transport.abortConnection())
 
 
-def _check(proxy_protocol: str | None, handshake: float | None, idle: float | None, early: int, shutdown: float) -> None:
-    """Refuse bad settings with the name of the setting first."""
-    if proxy_protocol is not None and proxy_protocol not in VERSIONS:
-        raise ValueError(f"upstream_proxy_protocol must be one of {', '.join(VERSIONS)}, not {proxy_protocol!r}")
-    for name, value in (("handshake_timeout", handshake), ("idle_timeout", idle), ("shutdown_timeout", shutdown)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-    if early < 0:
-        raise ValueError(f"max_early_data must be 0 or more bytes, not {early!r}")
-
-
 class ProxyShutdownService(service.Service):
     """Lets proxied connections finish when the application stops (SIGTERM): see ``ProxyFactory.shutdown``.
 
@@ -400,23 +392,17 @@ class ProxyShutdownService(service.Service):
         return self.factory.shutdown(self.timeout)
 
 
-def _seconds(options: Mapping[str, Any], key: str, default: float | None) -> float | None:
-    value = options.get(key)
-    return default if value is None else float(value)
-
-
 def proxy_factory(reactor: Any, options: Mapping[str, Any]) -> ProxyFactory:
-    """The proxy ``twistd sesscache --upstream`` runs, from its options (absent ones take the defaults)."""
+    """The proxy ``twistd sesscache --upstream`` runs: ``upstream``, ``upstreamCreator``, ``settings``
+    (a :class:`ProxySettings`) and ``handshakeFailures`` (the counters shared with the stats page)."""
+    settings: ProxySettings = options.get("settings") or ProxySettings()
     return ProxyFactory(
         clientFromString(reactor, options["upstream"]),
         f"upstream {options['upstream']}",
         upstream_creator=options.get("upstreamCreator"),
-        upstream_proxy_protocol=options.get("upstream-proxy-protocol"),
-        handshake_timeout=_seconds(options, "handshake-timeout", HANDSHAKE_TIMEOUT),
-        idle_timeout=_seconds(options, "idle-timeout", IDLE_TIMEOUT),
-        shutdown_timeout=_seconds(options, "shutdown-timeout", SHUTDOWN_TIMEOUT) or SHUTDOWN_TIMEOUT,
         handshakes=options.get("handshakeFailures"),
         clock=reactor,
+        **settings.arguments(),
     )
 
 

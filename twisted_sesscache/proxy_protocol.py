@@ -19,7 +19,8 @@ from twisted.internet.interfaces import IAddress, IProtocolFactory, IStreamClien
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
-VERSIONS = ("v1", "v2")
+from twisted_sesscache.proxy_config import PROXY_PROTOCOL_VERSIONS as VERSIONS
+
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_PROXY, _V2_LOCAL = 0x21, 0x20  # version 2, command PROXY or LOCAL
 _V2_TCP4, _V2_TCP6, _V2_UNSPEC = 0x11, 0x21, 0x00
