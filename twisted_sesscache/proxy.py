@@ -308,7 +308,9 @@ class ProxyFactory(Factory):
         guard: bool = True,
         clock: IReactorTime | None = None,
     ) -> None:
-        ProxySettings(handshake_timeout, idle_timeout, shutdown_timeout, max_early_data, upstream_proxy_protocol)
+        ProxySettings(handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,  # checks them
+                      shutdown_timeout=shutdown_timeout, max_early_data=max_early_data,
+                      upstream_proxy_protocol=upstream_proxy_protocol)
         if clock is None:
             from twisted.internet import reactor
 
