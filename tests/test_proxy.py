@@ -14,12 +14,15 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from tests.support import ReactorThread, TLSFiles, free_port, resume_series, s_server
 from tests.test_tap import Browser, assert_clean_exit, files_args, get, twistd
@@ -43,11 +46,16 @@ class FakeEndpoint:
         return attempt
 
 
-def accepted() -> tuple[ProxyServer, StringTransport, FakeEndpoint]:
+def accepted(**settings: Any) -> tuple[ProxyServer, StringTransport, FakeEndpoint]:
+    """A proxied connection whose TLS handshake has just completed: the upstream attempt starts then."""
     endpoint = FakeEndpoint()
-    server = ProxyFactory(endpoint).buildProtocol(None)  # type: ignore[arg-type]
+    settings.setdefault("clock", Clock())
+    server = ProxyFactory(endpoint, guard=False, **settings).buildProtocol(None)  # type: ignore[arg-type]
+    assert isinstance(server, ProxyServer)
     transport = StringTransport()
     server.makeConnection(transport)
+    assert endpoint.attempts == [], "no backend connection before the handshake"
+    server.handshakeCompleted()
     return server, transport, endpoint
 
 
@@ -61,7 +69,8 @@ def connect_upstream(endpoint: FakeEndpoint) -> tuple[ProxyClient, StringTranspo
 
 
 def test_reads_nothing_until_upstream_is_connected() -> None:
-    server, transport, endpoint = accepted()
+    """With no room for early data (max_early_data=0), reading waits for the upstream leg."""
+    server, transport, endpoint = accepted(max_early_data=0)
     assert transport.producerState == "paused" and len(endpoint.attempts) == 1
     server.dataReceived(b"early bytes")
     client, upstream = connect_upstream(endpoint)
@@ -145,6 +154,161 @@ def test_upstream_endpoint_is_built_from_the_options() -> None:
     assert isinstance(endpoint, TCP4ClientEndpoint)
 
 
+# -- handshake first, early data, idle, resets, shutdown (task.Clock) -----------------------
+
+
+def test_early_data_is_held_up_to_the_limit_then_reading_pauses() -> None:
+    server, transport, endpoint = accepted(max_early_data=64 * 1024)
+    server.dataReceived(b"a" * 40_000)
+    assert transport.producerState == "producing"
+    server.dataReceived(b"b" * 40_000)
+    assert transport.producerState == "paused", "more than 64 KiB held: stop reading the client"
+    client, upstream = connect_upstream(endpoint)
+    assert upstream.value() == b"a" * 40_000 + b"b" * 40_000
+    assert transport.producerState == "producing"
+
+
+def test_idle_both_ways_closes_both_legs() -> None:
+    clock = Clock()
+    server, transport, endpoint = accepted(clock=clock, idle_timeout=600)
+    client, upstream = connect_upstream(endpoint)
+    clock.advance(300)
+    client.dataReceived(b"traffic from upstream")
+    clock.advance(599)
+    assert not upstream.disconnecting, "traffic 299 s ago: not idle"
+    clock.advance(1)
+    assert upstream.disconnecting and upstream.producer is None
+    client.connectionLost()
+    assert transport.disconnecting
+
+
+def test_upstream_reset_reaches_the_client_as_an_abort_not_a_clean_close() -> None:
+    from twisted.internet.error import ConnectionLost
+
+    server, transport, endpoint = accepted()
+    client, upstream = connect_upstream(endpoint)
+    client.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+    assert transport.disconnected, "no TLS handle here: abortConnection"
+    assert server.proxy.counts["upstream_resets"] == 1
+
+
+def test_upstream_reset_under_tls_skips_close_notify_after_the_relayed_bytes() -> None:
+    from OpenSSL import SSL
+    from twisted.internet.error import ConnectionLost
+
+    class Handle:
+        shutdown = 0
+
+        def set_shutdown(self, state: int) -> None:
+            self.shutdown = state
+
+    class TLSTransport(StringTransport):
+        handle = Handle()
+
+        def getHandle(self) -> Handle:
+            return self.handle
+
+    endpoint = FakeEndpoint()
+    server: Any = ProxyFactory(endpoint, guard=False, clock=Clock()).buildProtocol(None)  # type: ignore[arg-type]
+    transport = TLSTransport()
+    server.makeConnection(transport)
+    server.handshakeCompleted()
+    client, upstream = connect_upstream(endpoint)
+    client.dataReceived(b"half a body")
+    client.connectionLost(Failure(ConnectionLost()))
+    assert transport.value() == b"half a body" and transport.disconnecting and not transport.disconnected
+    assert transport.handle.shutdown == SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN, "no close_notify is sent"
+
+
+def test_unreachable_upstream_is_counted() -> None:
+    server, transport, endpoint = accepted()
+    endpoint.attempts[0][1].errback(ConnectionRefusedError())
+    assert server.proxy.counts["upstream_connect_failures"] == 1
+    assert server.proxy.stats() == {"handshake_failures": 0, "handshake_timeouts": 0, "upstream_connect_failures": 1,
+                                    "upstream_tls_failures": 0, "upstream_resets": 0, "open_connections": 1}
+
+
+def test_shutdown_waits_for_proxied_connections() -> None:
+    clock = Clock()
+    factory = ProxyFactory(FakeEndpoint(), guard=False, clock=clock)
+    servers = []
+    for _ in range(2):
+        server: Any = factory.buildProtocol(None)  # type: ignore[arg-type]
+        server.makeConnection(StringTransport())
+        server.handshakeCompleted()
+        servers.append(server)
+    done = factory.shutdown(10)
+    servers[0].connectionLost()
+    clock.advance(5)
+    assert not done.called
+    servers[1].connectionLost()
+    assert done.called
+
+
+def test_shutdown_closes_what_is_left_at_the_deadline_and_drops_handshakes() -> None:
+    from twisted_sesscache.shutdown import GRACE
+
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    factory = ProxyFactory(endpoint, clock=clock)
+    guard: Any = factory.buildProtocol(None)  # type: ignore[arg-type]
+    handshaking = StringTransport()
+    guard.makeConnection(handshaking)
+    server, transport, endpoint = accepted(clock=clock)
+    factory.drain.add(server)
+    client, upstream = connect_upstream(endpoint)
+    done = factory.shutdown(10)
+    assert handshaking.disconnected, "a handshake in progress has nothing in flight: dropped at once"
+    guard.connectionLost(Failure(ConnectionDone()))
+    assert factory.handshakes.counts == {"handshake_failures": 0, "handshake_timeouts": 0}
+    clock.advance(10)
+    assert upstream.disconnecting and not done.called
+    clock.advance(GRACE)
+    assert transport.disconnected and done.called
+
+
+@pytest.mark.parametrize("bad", [{"upstream_proxy_protocol": "v3"}, {"handshake_timeout": 0},
+                                 {"idle_timeout": -1}, {"max_early_data": -1}, {"shutdown_timeout": 0}])
+def test_bad_settings_name_the_setting(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as raised:
+        ProxyFactory(FakeEndpoint(), clock=Clock(), **bad)  # type: ignore[arg-type]
+    assert str(raised.value).startswith(next(iter(bad)))
+
+
+def test_no_factory_says_starting_or_stopping_per_connection() -> None:
+    from twisted_sesscache.proxy import _UpstreamFactory
+    from twisted_sesscache.proxy_protocol import _HeaderFirstFactory
+
+    factory = ProxyFactory(FakeEndpoint(), clock=Clock())
+    assert not factory.noisy and factory.guard is not None and not factory.guard.noisy
+    assert not _UpstreamFactory(None).noisy  # type: ignore[arg-type]
+    assert not _HeaderFirstFactory(factory, b"").noisy
+
+
+# -- PROXY protocol headers ------------------------------------------------------------
+
+
+def test_proxy_protocol_headers() -> None:
+    from twisted.internet.address import IPv6Address
+
+    from twisted_sesscache.proxy_protocol import V2_SIGNATURE, header
+
+    v4 = (IPv4Address("TCP", "192.0.2.7", 40000), IPv4Address("TCP", "10.0.0.1", 8443))
+    v6 = (IPv6Address("TCP", "2001:db8::7", 40000), IPv6Address("TCP", "::1", 8443))
+    assert header("v1", *v4) == b"PROXY TCP4 192.0.2.7 10.0.0.1 40000 8443\r\n"
+    assert header("v1", *v6) == b"PROXY TCP6 2001:db8::7 ::1 40000 8443\r\n"
+    assert header("v2", *v4) == (V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([192, 0, 2, 7, 10, 0, 0, 1])
+                                 + b"\x9c\x40\x20\xfb")
+    v2_v6 = header("v2", *v6)
+    assert v2_v6[12:16] == b"\x21\x21\x00\x24" and len(v2_v6) == 16 + 36
+    assert v2_v6[16:32] == socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+    from twisted.internet.address import UNIXAddress
+
+    unix = (UNIXAddress(b"/tmp/s"), UNIXAddress(b"/tmp/s"))
+    assert header("v1", *unix) == b"PROXY UNKNOWN\r\n"
+    assert header("v2", *unix) == V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
 # -- a real relay ---------------------------------------------------------------------------
 
 
@@ -220,9 +384,9 @@ def test_flow_control_stops_reading_upstream_while_the_client_does_not_read(
     servers: list[ProxyServer] = []
 
     class RecordingProxyFactory(ProxyFactory):
-        def buildProtocol(self, addr: Any) -> ProxyServer:
-            protocol = super().buildProtocol(addr)
-            servers.append(protocol)
+        def buildProtocol(self, addr: Any) -> Any:
+            protocol: Any = super().buildProtocol(addr)
+            servers.append(protocol.wrappedProtocol)  # inside its handshake guard
             return protocol
 
     creator = SessionCache().server_context_factory(certificate_options(tls_files.certificate, tls_files.private_key))

@@ -22,6 +22,8 @@ from twisted_sesscache._openssl import runtime as openssl_runtime
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.config import SETTINGS, CacheConfig, Tickets, option_spelling
 from twisted_sesscache.exceptions import ConfigurationError, SessionCacheError
+from twisted_sesscache.proxy_config import OPTIONS as PROXY_OPTIONS
+from twisted_sesscache.proxy_config import ProxySettings, option_rows
 from twisted_sesscache.sealing import check_key_file
 from twisted_sesscache.server.alpn import parse_alpn
 from twisted_sesscache.server.certificates import server_certificate, server_certificates
@@ -87,6 +89,7 @@ class Options(usage.Options):
         ["upstream-private-key", None, None, "With --upstream-tls: PEM file with the key of "
          "--upstream-certificate."],
         *_setting_parameters(),
+        *option_rows(),
     ]
     compData = usage.Completions(
         optActions={
@@ -158,6 +161,7 @@ class Options(usage.Options):
             self["alpnProtocols"] = parse_alpn(self["alpn"] or "", setting="alpn")
             self._check_certificate()
             self["upstreamTLS"] = self._upstream_tls()
+            self["proxySettings"] = self._proxy_settings()
         except ConfigurationError as error:
             raise usage.UsageError(error.spelled(option_spelling)) from None
 
@@ -232,6 +236,14 @@ class Options(usage.Options):
         return UpstreamTLS.load(self["upstream"], self["upstream-hostname"], self["upstream-ca"],
                                 self["upstream-certificate"], self["upstream-private-key"])
 
+    def _proxy_settings(self) -> ProxySettings:
+        given = {name: self[option] for name, option, _ in PROXY_OPTIONS}
+        if not self["upstream"]:
+            unused = [name for name in given if name != "handshake_timeout" and given[name] is not None]
+            if unused:
+                raise ConfigurationError(unused[0], "needs --upstream")
+        return ProxySettings.from_strings(given)
+
     def _generate_certificate(self) -> tuple[str, str]:
         from twisted_sesscache.certs import generate_self_signed
 
@@ -272,7 +284,8 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from twisted_sesscache.endpoints import TLSServerEndpoint
-    from twisted_sesscache.proxy import proxy_factory
+    from twisted_sesscache.handshakes import HandshakeFailures, HandshakeGuardFactory
+    from twisted_sesscache.proxy import ProxyShutdownService, proxy_factory
     from twisted_sesscache.status import stats_site, status_site
 
     cache = make_cache(options)
@@ -280,16 +293,24 @@ def makeService(options: Options) -> service.MultiService:
     SessionCacheService(cache, options.notes).setServiceParent(top)
 
     creator = cache.server_context_factory(options["certificateOptions"], options["alpnProtocols"])
+    settings: ProxySettings = options.get("proxySettings") or ProxySettings()
+    handshakes = HandshakeFailures(reactor)  # type: ignore[arg-type]
     if options["upstream"]:
         upstream_tls: UpstreamTLS | None = options["upstreamTLS"]
         factory: Any = proxy_factory(reactor, {
             "upstream": options["upstream"],
             "upstreamCreator": upstream_tls.creator(cache) if upstream_tls is not None else None,
+            "settings": settings,
+            "handshakeFailures": handshakes,
         })
     else:
-        factory = status_site(cache)
+        factory = HandshakeGuardFactory(status_site(cache), handshakes, timeout=settings.handshake_timeout,
+                                        clock=reactor)  # type: ignore[arg-type]
     tls = TLSServerEndpoint(serverFromString(reactor, options["listen"]), creator)
     listener(AnnouncedEndpoint(tls, options["upstream"]), factory).setServiceParent(top)
+    if options["upstream"]:
+        # Stopped with the listener: that one stops accepting, this one waits for what was accepted.
+        ProxyShutdownService(factory).setServiceParent(top)
 
     if options["stats"]:
         listener(serverFromString(reactor, options["stats"]), stats_site(cache, reactor)).setServiceParent(top)
