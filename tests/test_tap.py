@@ -144,7 +144,9 @@ def assert_metrics_match(stats: dict[str, Any], metrics_text: str) -> None:
             assert metric_name(key) not in samples, f"{key} is unknown here and must not be exported as 0"
         else:
             assert samples[metric_name(key)] == value, key
-    assert f'sesscache_info{{mode="{stats["mode"]}",runtime="{stats["runtime"]}"}} 1.0' in metrics_text
+    assert (f'sesscache_info{{mode="{stats["mode"]}",runtime="{stats["runtime"]}",version="{__version__}"}} 1.0'
+            in metrics_text)
+    assert "process_cpu_seconds_total" in metrics_text and "python_info" in metrics_text
 
 
 def files_args(files: TLSFiles) -> list[str]:

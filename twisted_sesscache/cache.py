@@ -11,7 +11,7 @@ is made of: :class:`~twisted_sesscache.server.contexts.ServerContexts`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from OpenSSL import SSL
@@ -70,6 +70,7 @@ class SessionCache:
         self.server = ServerContexts(config, self.runtime, self.sharing)
         self.flushing = FlushSchedule(self.server, self.runtime, self.clock, config.flush_interval, self._also_flush)
         self._client: ClientSessionCache | None = None
+        self._reports: list[Callable[[], Mapping[str, int]]] = []
         self._started = False
 
     def use_clock(self, clock: IReactorTime) -> None:
@@ -195,7 +196,14 @@ class SessionCache:
         Under the bundled runtime, only what handshakes show is counted; the
         rest is ``None`` rather than a made-up zero.
         """
-        return cache_stats(self.config, self.server, self.flushing, self.sharing, self._client)
+        summary = cache_stats(self.config, self.server, self.flushing, self.sharing, self._client)
+        for report in self._reports:
+            summary.update(report())
+        return summary
+
+    def report(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        """Add the counters of a listener built on this cache (handshake failures, the proxy's) to ``stats()``."""
+        self._reports.append(counters)
 
     # -- scheduling -------------------------------------------------------------------------
 

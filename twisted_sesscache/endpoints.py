@@ -26,6 +26,7 @@ from zope.interface import implementer
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.config import SETTINGS, CacheConfig, parameter_spelling, parse_as, whole_number
 from twisted_sesscache.exceptions import ConfigurationError
+from twisted_sesscache.handshakes import HANDSHAKE_TIMEOUT, HandshakeFailures, HandshakeGuardFactory
 from twisted_sesscache.server.alpn import parse_alpn
 from twisted_sesscache.server.certificates import server_certificate, server_certificates
 
@@ -37,7 +38,10 @@ class TLSServerEndpoint:
     With a ``cache``, listening also starts the cache's scheduled flush, and
     the flush stops when the last port this endpoint opened stops listening:
     the endpoint then carries the whole cache lifecycle, as a ``--listen``
-    string must when no service of ours is there to do it.
+    string must when no service of ours is there to do it. With
+    ``handshakes``, every protocol is guarded: handshakes not completed after
+    ``handshake_timeout`` are dropped, and failures are counted (in the
+    cache's statistics) and logged, whatever factory listens.
     """
 
     def __init__(
@@ -46,13 +50,23 @@ class TLSServerEndpoint:
         creator: IOpenSSLServerConnectionCreator,
         *,
         cache: SessionCache | None = None,
+        handshakes: HandshakeFailures | None = None,
+        handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.wrapped = wrapped
         self.creator = creator
         self.cache = cache
+        self.handshakes = handshakes
+        self.handshake_timeout = handshake_timeout
+        if cache is not None and handshakes is not None:
+            cache.report(lambda: handshakes.counts)
         self._ports = 0
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        if self.handshakes is not None:
+            protocolFactory = HandshakeGuardFactory(
+                protocolFactory, self.handshakes, timeout=self.handshake_timeout, clock=self.handshakes.clock
+            )
         listening: Deferred[Any] = self.wrapped.listen(TLSMemoryBIOFactory(self.creator, False, protocolFactory))
         if self.cache is None:
             return listening
@@ -156,7 +170,8 @@ def _build(reactor: Any, args: tuple[str, ...], kwargs: dict[str, str]) -> TLSSe
         )
     cache = SessionCache(config=config, clock=reactor)
     tcp = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=kwargs.get("interface", ""))
-    return TLSServerEndpoint(tcp, cache.server_context_factory(options, alpn), cache=cache)
+    creator = cache.server_context_factory(options, alpn)
+    return TLSServerEndpoint(tcp, creator, cache=cache, handshakes=HandshakeFailures(reactor))
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)

@@ -43,6 +43,7 @@ class HandshakeFailures:
     log = Logger(namespace="twisted_sesscache.handshakes")
 
     def __init__(self, clock: IReactorTime, *, log: Logger | None = None, **limits: Any) -> None:
+        self.clock = clock
         self.counts: dict[str, int] = {"handshake_failures": 0, "handshake_timeouts": 0}
         self.reasons: dict[str, int] = {}  # OpenSSL's reason (or the exception) -> how many
         self._log = RateLimitedLog(log or self.log, clock, "handshake failures", level=LogLevel.info, **limits)

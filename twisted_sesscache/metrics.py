@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.registry import Collector
 from twisted.python import threadable
 from twisted.web.resource import Resource
 
+from twisted_sesscache import __version__
 from twisted_sesscache.cache import SessionCache
 
 PREFIX = "sesscache_"
@@ -47,6 +49,9 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "store_timeouts": ("store_timeouts", "counter", "Store lookups that did not answer in time"),
     "store_rejected": ("store_rejected", "counter", "Stored records dropped: not sealed for us or not a session"),
     "store_writes": ("store_writes", "counter", "Sessions written to the store"),
+    "store_lookup_errors": ("store_lookup_errors", "counter", "Store lookups that failed (not timeouts, not misses)"),
+    "handshake_failures": ("handshake_failures", "counter", "TLS handshakes that failed before completing"),
+    "handshake_timeouts": ("handshake_timeouts", "counter", "TLS handshakes dropped for not completing in time"),
 }
 LABELS = ("runtime", "mode")
 # Keys of stats()["client"] that only grow; the others are exported as gauges.
@@ -109,8 +114,10 @@ class SessionCacheCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
         labels = [str(stats.get(label, "")) for label in LABELS]
-        info = GaugeMetricFamily(PREFIX + "info", "Runtime and cache mode (value always 1)", labels=list(LABELS))
-        info.add_metric(labels, 1)
+        info = GaugeMetricFamily(
+            PREFIX + "info", "Version, runtime and cache mode (value always 1)", labels=[*LABELS, "version"]
+        )
+        info.add_metric([*labels, __version__], 1)
         yield info
         for key, value in stats.get("client", {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -132,6 +139,10 @@ def registry_for(cache: SessionCache, reactor: Any = None) -> CollectorRegistry:
     """A registry of its own holding only this cache's collector."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SessionCacheCollector(cache, reactor))
+    # What operators expect beside the cache's own: the process and the interpreter.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

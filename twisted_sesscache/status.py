@@ -75,9 +75,11 @@ class StatusJSON(Resource):
 
 def status(request: Request, cache: SessionCache) -> dict[str, Any]:
     host, port = _address(request)
+    stats = cache.stats()
     return {
         "connection": connection_info(request),
-        "cache": cache.stats(),
+        "cache": stats,
+        "hit_rate": hit_rate(stats),
         "version": __version__,
         "watch": watch_commands(host, port),
     }
@@ -114,6 +116,14 @@ def _yes_no(value: Any) -> str:
     return "unknown" if value is None else ("yes" if value else "no")
 
 
+def hit_rate(stats: dict[str, Any]) -> float | None:
+    """Resumed handshakes as a share of completed ones; None before the first."""
+    hits, completed = stats.get("hits"), stats.get("accept_good")
+    if not isinstance(hits, int) or not isinstance(completed, int) or completed <= 0:
+        return None
+    return round(hits / completed, 4)
+
+
 def render_html(info: dict[str, Any]) -> str:
     connection = info["connection"]
     resumed = connection["resumed"]
@@ -125,6 +135,8 @@ def render_html(info: dict[str, Any]) -> str:
         for key, value in info["cache"].items()
     )
     commands = "".join(f"<pre>{html.escape(command)}</pre>" for command in info["watch"])
+    rate = info.get("hit_rate")
+    shown_rate = "n/a" if rate is None else f"{rate:.1%} of completed handshakes resumed"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>twisted-sesscache</title>
 <style>body{{font-family:sans-serif;max-width:46em;margin:2em auto;line-height:1.4}}
@@ -132,6 +144,7 @@ th{{text-align:left;padding-right:2em;font-weight:normal;color:#555}}pre{{backgr
 </head><body>
 <h1>twisted-sesscache</h1>
 <p><strong>{html.escape(headline)}</strong></p>
+<p>Hit rate: {html.escape(shown_rate)}</p>
 <table>
 <tr><th>protocol</th><td>{html.escape(str(connection["protocol"]))}</td></tr>
 <tr><th>cipher</th><td>{html.escape(str(connection["cipher"]))}</td></tr>

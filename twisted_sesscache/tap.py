@@ -311,6 +311,9 @@ def makeService(options: Options) -> service.MultiService:
     if options["upstream"]:
         # Stopped with the listener: that one stops accepting, this one waits for what was accepted.
         ProxyShutdownService(factory).setServiceParent(top)
+        cache.report(factory.stats)
+    else:
+        cache.report(lambda: handshakes.counts)
 
     if options["stats"]:
         listener(serverFromString(reactor, options["stats"]), stats_site(cache, reactor)).setServiceParent(top)
