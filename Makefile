@@ -37,9 +37,10 @@ test-bundled: $(BUNDLED)/.ready
 	SESSCACHE_EXPECT_RUNTIME=bundled-openssl $(BUNDLED)/bin/python -m pytest $(PYTEST_ARGS)
 
 $(SHARED)/.bench: $(SHARED)/.ready
-	$(SHARED)/bin/pip install $(PIP_FLAGS) -c constraints-shared.txt 'matplotlib>=3.6' 'py-spy>=0.3'
+	$(SHARED)/bin/pip install $(PIP_FLAGS) -c constraints-shared.txt -e '.[bench]'
 	touch $@
 
+# The full run rewrites docs/benchmarks.md (and its chart); the quick one writes build/bench-quick/.
 bench: $(SHARED)/.bench
 	$(SHARED)/bin/python -m bench
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from twisted.internet import protocol, reactor
 from twisted.internet.threads import blockingCallFromThread
 
+from bench.processes import free_port, spawn, started, stop, wait_for_port
 from twisted_sesscache.certs import generate_self_signed
 
 T = TypeVar("T")
@@ -139,26 +140,6 @@ def resume_series(port: int, tmp: Path, count: int, tls: str = "1.2", **kwargs: 
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
@@ -175,22 +156,15 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.directory), "--daemonize", "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, process=self.process)
+        )  # fmt: skip
+        wait_for_port(self.port, self.process)
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            stop(self.process, timeout=10)
             self.process = None
 
     def command(self, *args: str) -> str:
@@ -209,14 +183,5 @@ def s_server(files: TLSFiles, tls: str, *extra: str) -> Iterator[int]:
         OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(files.certificate),
         "-key", str(files.private_key), "-www", "-quiet", f"-tls{tls.replace('.', '_')}", *extra,
     ]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, process=process)
+    with started(command, port):
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import profiling, report, servers
+from bench import processes, profiling, report, servers
 from bench.__main__ import _available
 
 SUBSET = ("twisted-default", "twisted-sessions", "sesscache-memory", "openssl-s_server")
@@ -122,7 +122,7 @@ def test_missing_pieces_are_reported_not_raised() -> None:
 
 def test_a_server_that_does_not_start_is_stopped_and_explained(tmp_path: Path) -> None:
     broken = servers.Config("broken", "exits at once", servers.template(sys.executable, "-c", "raise SystemExit('no')"))
-    with pytest.raises(servers.ServerFailed, match="exited with 1"):
+    with pytest.raises(processes.ServerFailed, match="exited with 1"):
         with servers.running(broken, tmp_path / "c", tmp_path / "k", tmp_path):
             pass
 

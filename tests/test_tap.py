@@ -21,6 +21,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
+from bench import processes
 from tests.support import ReactorThread, TLSFiles, free_port, resume_series, wait_for_port
 from twisted_sesscache import RUNTIME, CacheMode, SessionCache, __version__
 from twisted_sesscache.config import Tickets
@@ -74,7 +75,7 @@ class Twistd:
         for port in ports:
             try:
                 wait_for_port(port, process=self.process)
-            except AssertionError as error:
+            except processes.ServerFailed as error:
                 raise AssertionError(f"{error}\n{self.output()}") from None
 
     def output(self) -> str:
@@ -82,14 +83,7 @@ class Twistd:
 
     def stop(self) -> int:
         """SIGTERM, then SIGKILL if it does not exit in time; the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return processes.stop(self.process, timeout=15)
 
 
 @contextmanager
