@@ -47,5 +47,7 @@ bench: $(SHARED)/.bench
 bench-quick: $(SHARED)/.bench
 	$(SHARED)/bin/python -m bench --quick
 
+# Everything the build, the tests and the tools leave behind.
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv build dist *.egg-info .hypothesis .pytest_cache .mypy_cache twisted/plugins/dropin.cache
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
