@@ -19,15 +19,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISystemHandle
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.threads import blockingCallFromThread
 
 from bench.processes import free_port, spawn, started, stop, wait_for_port
 from twisted_sesscache.certs import generate_self_signed
 
 T = TypeVar("T")
+P = ParamSpec("P")
+# Twisted types its global reactor as a few common interfaces; the one installed here
+# (epoll, or whichever a POSIX platform picks) is a PosixReactorBase: SSL, threads, run().
+reactor = cast(PosixReactorBase, _reactor)
 OPENSSL = shutil.which("openssl") or "openssl"
 PEER_TIMEOUT = 15
 
@@ -50,19 +58,25 @@ class ReactorThread:
         self._thread = threading.Thread(target=self._run, name="reactor", daemon=True)
 
     def _run(self) -> None:
-        reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+        reactor.run(installSignalHandlers=False)
 
     def start(self) -> None:
         self._thread.start()
         deadline = time.monotonic() + 10
-        while not reactor.running and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        while not reactor.running and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+        reactor.callFromThread(reactor.stop)
         self._thread.join(10)
 
-    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    @overload
+    def call(self, function: Callable[P, Deferred[T]], *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    def call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``function`` on the reactor thread; wait for its result (or Deferred's)."""
         return blockingCallFromThread(reactor, function, *args, **kwargs)
 
@@ -71,7 +85,9 @@ class InfoProtocol(protocol.Protocol):
     """Answers any request with one JSON line about its own TLS connection, then closes cleanly."""
 
     def dataReceived(self, data: bytes) -> None:
-        handle = self.transport.getHandle()
+        assert self.transport is not None
+        # The pyOpenSSL Connection, or the WatchedConnection around it (which knows ``resumed``).
+        handle: Any = ISystemHandle(self.transport).getHandle()
         body = json.dumps(
             {
                 "resumed": bool(handle.resumed) if hasattr(handle, "resumed") else None,
