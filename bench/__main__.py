@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import load, report, servers, stall
+from bench import load, processes, report, servers, stall
 
-DOCS = servers.PACKAGE_ROOT / "docs" / "benchmarks.md"
-QUICK_OUTPUT = servers.PACKAGE_ROOT / "build" / "bench-quick" / "benchmarks.md"
+DOCS = servers.REPO / "docs" / "benchmarks.md"
+QUICK_OUTPUT = servers.REPO / "build" / "bench-quick" / "benchmarks.md"
 PARTS = ("throughput", "hitrate", "stall")
 # Configurations in the hit-rate part: plain Twisted and every sesscache store.
 HITRATE_CONFIGS = ("twisted-sessions", *report.MEMORY_STORES, report.REDIS_STORE)
@@ -161,7 +161,7 @@ def throughput(
             for config in configs:
                 try:
                     live.append(stack.enter_context(servers.running(config, certificate, private_key, workdir / key)))
-                except servers.ServerFailed as error:
+                except processes.ServerFailed as error:
                     unavailable[config.name] = f"did not start: {error}"
                     sys.stderr.write(f"{config.name}: not available: did not start: {error}\n")
             for tls in settings.tls:
@@ -225,7 +225,7 @@ def hit_rates(
                         population = load.Population(server.ports, tls, settings.clients, settings.visits, settings.workers)
                         label = f"{config.name} x{fleet} TLS {tls} returning clients"
                         outcome = load.hit_rate(population, label, show_progress=None if sys.stderr.isatty() else False)
-                except servers.ServerFailed as error:
+                except processes.ServerFailed as error:
                     unavailable.setdefault(config.name, f"did not start: {error}")
                     sys.stderr.write(f"{config.name} x{fleet}: not available: did not start: {error}\n")
                     continue

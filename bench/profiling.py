@@ -33,7 +33,7 @@ PROFILED = ("twisted-sessions", "sesscache-memory", "sesscache-memstore")
 SECONDS = 5.0
 RATE = 250  # samples per second
 OURS = "twisted_sesscache/"
-BENCH = "twisted_sesscache/bench/"
+BENCH = "bench/"  # the harness sits beside the package, at the top of the checkout
 
 
 def py_spy() -> str | None:
@@ -47,6 +47,14 @@ def _frame(text: str) -> tuple[str, str]:
     return function, where.rsplit(":", 1)[0]
 
 
+def _is_bench(path: str) -> bool:
+    return path.startswith(BENCH) or f"/{BENCH}" in path
+
+
+def _is_ours(path: str) -> bool:
+    return OURS in path and not _is_bench(path)
+
+
 def owner(stack: list[str]) -> str:
     """Who a sampled stack's CPU time belongs to (see the module docstring).
 
@@ -58,7 +66,7 @@ def owner(stack: list[str]) -> str:
     frames = [_frame(f) for f in stack]
     for index in range(len(frames) - 1, -1, -1):
         function, path = frames[index]
-        if OURS in path and BENCH not in path:
+        if _is_ours(path):
             callee = frames[index + 1] if index + 1 < len(frames) else None
             passthrough = function.endswith("__getattr__") or (
                 callee is not None
@@ -67,7 +75,7 @@ def owner(stack: list[str]) -> str:
             )
             if not passthrough:
                 return "twisted-sesscache"
-        elif ("twisted/" in path and "twisted/internet/defer.py" not in path) or BENCH in path:
+        elif ("twisted/" in path and "twisted/internet/defer.py" not in path) or _is_bench(path):
             break
     leaf = frames[-1][1] if frames else ""
     if "OpenSSL/" in leaf or "cffi" in leaf:
@@ -92,7 +100,7 @@ def summarise(raw: str) -> tuple[Counter[str], Counter[str], int]:
         who = owner(stack)
         owners[who] += count
         if who == "twisted-sesscache":
-            innermost = [_frame(f)[0] for f in stack if OURS in f and BENCH not in f and "__getattr__" not in f]
+            innermost = [function for function, path in map(_frame, stack) if _is_ours(path) and "__getattr__" not in function]
             ours[innermost[-1]] += count
     return owners, ours, total
 

@@ -523,7 +523,7 @@ def _profile_section(results: dict[str, Any]) -> list[str]:
         "## Where the time goes",
         "",
         "Resumed handshakes, RSA-2048, against one server at a time, sampled by py-spy "
-        "(`twisted_sesscache/bench/profiling.py` says how samples are charged). *CPU ms/conn* is the "
+        "(`bench/profiling.py` says how samples are charged). *CPU ms/conn* is the "
         "server's user+system time per connection; its difference from bare Twisted is what "
         "twisted-sesscache costs. The sample shares are of busy wall time (system calls and waiting "
         "for a CPU included), so they rank costs rather than measure them.",

@@ -12,19 +12,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 5.0
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+from bench import processes
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -102,20 +99,17 @@ def importable(module: str) -> Check:
     def check() -> str | None:
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return f"`{module}` is not installed"
-        done = subprocess.run(
-            [sys.executable, "-c", f"import {module}"],
-            capture_output=True,
-            text=True,
-            env=child_environment(),
-            timeout=60,
-            check=False,
-        )
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-            return f"`{module}` is not importable ({last})"
-        return None
+        status, last = _child_python(f"import {module}")
+        return f"`{module}` is not importable ({last})" if status else None
 
     return check
+
+
+def _child_python(code: str) -> tuple[int, str]:
+    """Run ``code`` in a fresh interpreter of this checkout: its exit status and last line of stderr."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=child_environment(), timeout=60, check=False)  # fmt: skip
+    return done.returncode, (done.stderr.strip().splitlines() or ["no error output"])[-1]
 
 
 # -- command lines ----------------------------------------------------------------
@@ -197,14 +191,10 @@ def twistd_option(option: str) -> Check:
             "names = {p[0] for p in Options.optParameters} | {f[0] for f in Options.optFlags}; "
             f"sys.exit(0 if {option.lstrip('-')!r} in names else 3)"
         )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env=child_environment(), timeout=60, check=False)  # fmt: skip
-        if done.returncode == 3:
+        status, last = _child_python(code)
+        if status == 3:
             return f"`twistd sesscache` has no {option} option yet"
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-            return f"`twisted_sesscache.tap` is not importable ({last})"
-        return None
+        return f"`twisted_sesscache.tap` is not importable ({last})" if status else None
 
     return check
 
@@ -235,86 +225,19 @@ BY_NAME = {config.name: config for config in CONFIGS}
 # -- processes ----------------------------------------------------------------------
 
 
-class ServerFailed(RuntimeError):
-    """A server did not start; the message carries the end of its log."""
-
-
 def child_environment() -> dict[str, str]:
     """This environment, with this checkout importable in child interpreters."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerFailed(f"exited with {process.returncode} before listening on {port}: {tail(log, 2)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise ServerFailed(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s: {tail(log)}")
-
-
-def tail(log: Path, lines: int = 6) -> str:
-    try:
-        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the process group we created, then SIGKILL after STOP_TIMEOUT."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(STOP_TIMEOUT)
-    # Leftover children (nginx workers) share the group; make sure they are gone too.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @contextmanager
 def started(command: list[str], port: int, workdir: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Start one process, wait until ``port`` accepts, stop it on the way out."""
-    log = workdir / f"{name}.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=child_environment(),
-            start_new_session=True,
-        )
-    try:
-        wait_for_port(port, process, log)
+    """Start one process in ``workdir`` (output in ``name.log``), wait until ``port`` accepts, stop it afterwards."""
+    with processes.started(command, port, workdir / f"{name}.log", cwd=workdir, env=child_environment()) as process:
         yield process
-    finally:
-        stop(process)
 
 
 @dataclass
@@ -345,17 +268,17 @@ def running(
     with ExitStack() as stack:
         helper_ports: dict[str, int] = {}
         for helper in config.helpers:
-            port = free_port()
+            port = processes.free_port()
             launch = Launch(certificate, private_key, workdir, port)
             stack.enter_context(started(helper.command(launch), port, workdir, helper.name))
             helper_ports[helper.name] = port
-        ports, processes = [], []
+        ports, children = [], []
         for index in range(copies):
-            port = free_port()
+            port = processes.free_port()
             launch = Launch(certificate, private_key, workdir, port, index, helper_ports)
-            processes.append(stack.enter_context(started(config.command(launch), port, workdir, f"{config.name}-{index}")))
+            children.append(stack.enter_context(started(config.command(launch), port, workdir, f"{config.name}-{index}")))
             ports.append(port)
-        yield Running(config, tuple(ports), processes)
+        yield Running(config, tuple(ports), children)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

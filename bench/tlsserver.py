@@ -45,7 +45,7 @@ class Answer(protocol.Protocol):
             return
         transport: Any = self.transport
         if self._buffer.startswith(b"GET /stats "):
-            body = json.dumps(self.factory.stats()).encode()  # type: ignore[attr-defined]
+            body = json.dumps(self.factory.stats()).encode()
             transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
         else:
             transport.write(ANSWER)

@@ -19,14 +19,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISystemHandle
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.threads import blockingCallFromThread
 
+from bench.processes import free_port, spawn, started, stop, wait_for_port
 from twisted_sesscache.certs import generate_self_signed
 
 T = TypeVar("T")
+P = ParamSpec("P")
+# Twisted types its global reactor as a few common interfaces; the one installed here
+# (epoll, or whichever a POSIX platform picks) is a PosixReactorBase: SSL, threads, run().
+reactor = cast(PosixReactorBase, _reactor)
 OPENSSL = shutil.which("openssl") or "openssl"
 PEER_TIMEOUT = 15
 
@@ -49,19 +58,25 @@ class ReactorThread:
         self._thread = threading.Thread(target=self._run, name="reactor", daemon=True)
 
     def _run(self) -> None:
-        reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+        reactor.run(installSignalHandlers=False)
 
     def start(self) -> None:
         self._thread.start()
         deadline = time.monotonic() + 10
-        while not reactor.running and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        while not reactor.running and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+        reactor.callFromThread(reactor.stop)
         self._thread.join(10)
 
-    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    @overload
+    def call(self, function: Callable[P, Deferred[T]], *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    def call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``function`` on the reactor thread; wait for its result (or Deferred's)."""
         return blockingCallFromThread(reactor, function, *args, **kwargs)
 
@@ -70,7 +85,9 @@ class InfoProtocol(protocol.Protocol):
     """Answers any request with one JSON line about its own TLS connection, then closes cleanly."""
 
     def dataReceived(self, data: bytes) -> None:
-        handle = self.transport.getHandle()
+        assert self.transport is not None
+        # The pyOpenSSL Connection, or the WatchedConnection around it (which knows ``resumed``).
+        handle: Any = ISystemHandle(self.transport).getHandle()
         body = json.dumps(
             {
                 "resumed": bool(handle.resumed) if hasattr(handle, "resumed") else None,
@@ -139,26 +156,6 @@ def resume_series(port: int, tmp: Path, count: int, tls: str = "1.2", **kwargs: 
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
@@ -175,22 +172,15 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.directory), "--daemonize", "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, process=self.process)
+        )  # fmt: skip
+        wait_for_port(self.port, self.process)
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            stop(self.process, timeout=10)
             self.process = None
 
     def command(self, *args: str) -> str:
@@ -209,14 +199,5 @@ def s_server(files: TLSFiles, tls: str, *extra: str) -> Iterator[int]:
         OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(files.certificate),
         "-key", str(files.private_key), "-www", "-quiet", f"-tls{tls.replace('.', '_')}", *extra,
     ]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, process=process)
+    with started(command, port):
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

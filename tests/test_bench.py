@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import profiling, report, servers
+from bench import processes, profiling, report, servers
 from bench.__main__ import _available
 
 SUBSET = ("twisted-default", "twisted-sessions", "sesscache-memory", "openssl-s_server")
@@ -60,18 +60,21 @@ def _row(results: dict[str, Any], config: str, mode: str) -> dict[str, Any]:
     pytest.fail(f"{config} {mode} was not measured; not available: {results['unavailable'].get(config)}")
 
 
+@pytest.mark.slow
 def test_no_connection_failed(quick_results: dict[str, Any]) -> None:
     for row in quick_results["throughput"]:
         assert row["connections"] > 0, row
         assert row["errors"] == 0, row
 
 
+@pytest.mark.slow
 def test_sesscache_resumes_and_default_twisted_never_does(quick_results: dict[str, Any]) -> None:
     assert _row(quick_results, "sesscache-memory", "resumed")["resumption_ratio"] >= 0.95
     assert _row(quick_results, "twisted-sessions", "resumed")["resumption_ratio"] >= 0.95
     assert _row(quick_results, "twisted-default", "resumed")["resumption_ratio"] == 0
 
 
+@pytest.mark.slow
 def test_sesscache_keeps_up_with_bare_twisted(quick_results: dict[str, Any], bench_dir: Path) -> None:
     """Resumed rate within 0.8x of bare Twisted's.
 
@@ -88,12 +91,14 @@ def test_sesscache_keeps_up_with_bare_twisted(quick_results: dict[str, Any], ben
         assert ours >= 0.8 * bare, {"first run": first, "second run": (ours, bare)}
 
 
+@pytest.mark.slow
 def test_resumption_pays_off(quick_results: dict[str, Any]) -> None:
     resumed = _row(quick_results, "sesscache-memory", "resumed")["rate"]
     full = _row(quick_results, "sesscache-memory", "full")["rate"]
     assert resumed >= 2 * full, (resumed, full)
 
 
+@pytest.mark.slow
 def test_report_has_the_table_and_the_machine(quick_results: dict[str, Any]) -> None:
     text = quick_results["report"]
     assert "## Machine" in text and "OpenSSL, servers" in text
@@ -122,7 +127,7 @@ def test_missing_pieces_are_reported_not_raised() -> None:
 
 def test_a_server_that_does_not_start_is_stopped_and_explained(tmp_path: Path) -> None:
     broken = servers.Config("broken", "exits at once", servers.template(sys.executable, "-c", "raise SystemExit('no')"))
-    with pytest.raises(servers.ServerFailed, match="exited with 1"):
+    with pytest.raises(processes.ServerFailed, match="exited with 1"):
         with servers.running(broken, tmp_path / "c", tmp_path / "k", tmp_path):
             pass
 

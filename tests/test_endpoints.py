@@ -12,15 +12,11 @@ from twisted.internet.task import Clock
 
 from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, resume_series
 from tests.test_tap import assert_clean_exit, twistd
-from twisted_sesscache import RUNTIME, CacheMode
+from twisted_sesscache import CacheMode
 from twisted_sesscache.endpoints import TLSServerEndpoint
 
-shared_only = pytest.mark.skipif(
-    not RUNTIME.shared, reason="needs the shared-OpenSSL runtime: size and flushInterval are refused under PyPI wheels"
-)
-bundled_only = pytest.mark.skipif(
-    RUNTIME.shared, reason="the shared-OpenSSL runtime accepts size and flushInterval; only the bundled one refuses them"
-)
+SHARED_WHY = "size and flushInterval are refused under PyPI wheels"
+BUNDLED_WHY = "the shared-OpenSSL runtime accepts size and flushInterval"
 
 
 def description(files: TLSFiles, port: int | str = 0, **extra: str) -> str:
@@ -70,7 +66,7 @@ def test_in_process_listener_resumes(reactor_thread: ReactorThread, tls_files: T
     assert endpoint.cache is not None and reactor_thread.call(endpoint.cache.stats)["hits"] == 2
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_listening_runs_the_flush_loop_until_the_last_port_stops(
     reactor_thread: ReactorThread, tls_files: TLSFiles
 ) -> None:
@@ -123,7 +119,7 @@ def test_bad_parameters_are_named(tls_files: TLSFiles, other_tls_files: TLSFiles
         assert message.startswith("sesscache endpoint: ") and parameter in message, (text, message)
 
 
-@bundled_only
+@pytest.mark.bundled_only(BUNDLED_WHY)
 @pytest.mark.parametrize("parameter,value", [("size", "100"), ("flushInterval", "5")])
 def test_bundled_refuses_size_and_flush(tls_files: TLSFiles, parameter: str, value: str) -> None:
     with pytest.raises(ValueError) as raised:

@@ -14,7 +14,7 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from tests.support import RedisProcess, ReactorThread, TLSFiles, s_client, tls_server
-from twisted_sesscache import RUNTIME, SessionCache
+from twisted_sesscache import SessionCache
 from twisted_sesscache.certs import certificate_options
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.stores.sealed import record_context
@@ -22,10 +22,8 @@ from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores import store_from_url
 from twisted_sesscache.stores.memory import MemoryStore
 
-pytestmark = pytest.mark.skipif(
-    not RUNTIME.shared,
-    reason="the server-side external store needs OpenSSL's session callbacks, "
-    "which PyPI wheels do not expose (shared-OpenSSL runtime only)",
+pytestmark = pytest.mark.shared_only(
+    "the server-side external store uses OpenSSL's session callbacks, which PyPI wheels do not expose"
 )
 
 KEY = bytes(range(32))
@@ -144,6 +142,7 @@ def test_a_store_that_does_not_answer_costs_one_timeout(
         assert reactor_thread.call(caches[1].stats)["store_timeouts"] == 1
 
 
+@pytest.mark.slow
 def test_redis_outage_costs_resumption_not_connections(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, redis: RedisProcess
 ) -> None:

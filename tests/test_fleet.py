@@ -12,13 +12,11 @@ import pytest
 
 from tests.support import RedisProcess, TLSFiles, free_port, s_client
 from tests.test_tap import Twistd, files_args, get, twistd
-from twisted_sesscache import RUNTIME
 
-pytestmark = pytest.mark.skipif(
-    not RUNTIME.shared,
-    reason="the server-side shared store needs OpenSSL's session callbacks, which PyPI wheels "
-    "do not expose (shared-OpenSSL runtime only)",
-)
+pytestmark = [
+    pytest.mark.shared_only("the server-side shared store uses OpenSSL's session callbacks, which PyPI wheels do not expose"),
+    pytest.mark.slow,
+]
 
 
 @contextmanager

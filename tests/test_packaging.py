@@ -1,4 +1,4 @@
-"""`pip install .` must ship the twistd plugin and the package's subpackages."""
+"""`pip install .` must ship the twistd plugin, every module of the package, py.typed and the licence; not tests/ or bench/."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def test_wheel_ships_plugins_and_subpackages(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/sesscache_plugins.py" in names
     assert "twisted/plugins/__init__.py" not in names, "must not shadow Twisted's own twisted/plugins package"
-    for module in ("cache.py", "runtime.py", "stores/redis.py", "stores/sealed.py", "bench/__main__.py", "tap.py"):
-        assert f"twisted_sesscache/{module}" in names, module
-    assert not any(name.startswith("tests/") for name in names)
+    sources = {path.relative_to(REPO).as_posix() for path in (REPO / "twisted_sesscache").rglob("*.py")}
+    assert len(sources) > 10 and "twisted_sesscache/stores/redis.py" in sources
+    assert sources <= names, sorted(sources - names)
+    assert "twisted_sesscache/py.typed" in names, "PEP 561: the annotations are for users' type checkers too"
+    assert any(name.endswith(".dist-info/LICENSE") or ".dist-info/licenses/LICENSE" in name for name in names)
+    assert not any(name.startswith(("tests/", "bench/")) for name in names)

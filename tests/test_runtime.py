@@ -23,7 +23,7 @@ def test_describe_names_runtime_and_version() -> None:
     assert RUNTIME.name in (SHARED, BUNDLED)
 
 
-@pytest.mark.skipif(RUNTIME.shared, reason="the shared-OpenSSL runtime can do all of these")
+@pytest.mark.bundled_only("the shared-OpenSSL runtime can do all of these")
 @pytest.mark.parametrize("kwargs", [{"size": 10}, {"flush_interval": 5}])
 def test_bundled_refuses_settings_it_cannot_honour(kwargs: dict[str, int]) -> None:
     with pytest.raises(NeedsSharedOpenSSL, match="shared-OpenSSL runtime.*python3-openssl"):

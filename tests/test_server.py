@@ -21,11 +21,7 @@ from twisted_sesscache import RUNTIME, CacheMode, SessionCache
 from twisted_sesscache.certs import certificate_options, load_certificate
 from twisted_sesscache.server.creator import derived_session_id_context
 
-shared_only = pytest.mark.skipif(
-    not RUNTIME.shared,
-    reason="needs the shared-OpenSSL runtime: cache size, flush, add/remove and "
-    "OpenSSL's counters are not reachable through PyPI wheels",
-)
+SHARED_WHY = "cache size, flush, add/remove and OpenSSL's counters are not reachable through PyPI wheels"
 
 
 def serve(rt: ReactorThread, cache: SessionCache, files: TLSFiles, factory: Any = None) -> Any:
@@ -83,7 +79,7 @@ def test_derived_session_id_context(tls_files: TLSFiles, other_tls_files: TLSFil
     assert len({first, other, stricter}) == 3
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_timeout_and_scheduled_flush(reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path) -> None:
     cache = SessionCache(timeout=1, flush_interval=1)
     assert cache.mode & CacheMode.NO_AUTO_CLEAR
@@ -106,7 +102,7 @@ def test_timeout_and_scheduled_flush(reactor_thread: ReactorThread, tls_files: T
             reactor_thread.call(cache.stop)
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_flush_removes_exactly_the_expired(reactor_thread: ReactorThread, tls_files: TLSFiles) -> None:
     cache = SessionCache(timeout=100)
     with serve(reactor_thread, cache, tls_files) as port:
@@ -118,7 +114,7 @@ def test_flush_removes_exactly_the_expired(reactor_thread: ReactorThread, tls_fi
     assert reactor_thread.call(cache.stats)["number"] == 0
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_size_limit(reactor_thread: ReactorThread, tls_files: TLSFiles) -> None:
     cache = SessionCache(size=10)
     with serve(reactor_thread, cache, tls_files) as port:
@@ -130,7 +126,7 @@ def test_size_limit(reactor_thread: ReactorThread, tls_files: TLSFiles) -> None:
     assert stats["cache_full"] > 0
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_flush_loop_runs_on_the_given_clock() -> None:
     clock = Clock()
     cache = SessionCache(flush_interval=30)
@@ -162,7 +158,7 @@ def grabbing_factory() -> protocol.Factory:
     return factory
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_add_and_remove_follow_openssl_return_rules(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
 ) -> None:
@@ -182,7 +178,7 @@ def test_add_and_remove_follow_openssl_return_rules(
         assert s_client(port, sess_in=session_file) == "New"
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
 def test_no_internal_store_resumes_only_added_sessions(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str
@@ -199,7 +195,7 @@ def test_no_internal_store_resumes_only_added_sessions(
         assert s_client(port, tls=tls, sess_in=dropped) == "New"
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_no_internal_lookup_ignores_the_internal_cache(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
 ) -> None:
@@ -209,7 +205,7 @@ def test_no_internal_lookup_ignores_the_internal_cache(
     assert reactor_thread.call(cache.stats)["number"] == 2  # stored, never looked up
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_hundred_thousand_mixed_operations_stay_bounded(
     reactor_thread: ReactorThread, tls_files: TLSFiles
 ) -> None:

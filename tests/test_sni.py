@@ -120,7 +120,7 @@ def test_sessions_resume_only_under_their_certificate_and_name(
 
 
 @pytest.mark.parametrize("tls", TLS_VERSIONS)
-@pytest.mark.skipif(not RUNTIME.shared, reason="the external session store needs the shared-OpenSSL runtime")
+@pytest.mark.shared_only("the external session store uses OpenSSL's session callbacks, which PyPI wheels do not expose")
 def test_external_store_keeps_names_apart(
     reactor_thread: ReactorThread, two_files: list[Path], tmp_path: Path, tls: str
 ) -> None:

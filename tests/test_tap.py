@@ -21,6 +21,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
+from bench import processes
 from tests.support import ReactorThread, TLSFiles, free_port, resume_series, wait_for_port
 from twisted_sesscache import RUNTIME, CacheMode, SessionCache, __version__
 from twisted_sesscache.config import Tickets
@@ -30,15 +31,8 @@ from twisted_sesscache.tap import DEFAULT_LISTEN, Options, SessionCacheService, 
 REPO = Path(__file__).resolve().parents[1]
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
 
-shared_only = pytest.mark.skipif(
-    not RUNTIME.shared,
-    reason="needs the shared-OpenSSL runtime: a cache size and a scheduled flush are refused under PyPI wheels",
-)
-bundled_only = pytest.mark.skipif(
-    RUNTIME.shared,
-    reason="the shared-OpenSSL runtime accepts --session-cache-size and --flush-interval; "
-    "only the bundled runtime refuses them",
-)
+SHARED_WHY = "a cache size and a scheduled flush are refused under PyPI wheels"
+BUNDLED_WHY = "the shared-OpenSSL runtime accepts --session-cache-size and --flush-interval"
 
 
 # -- helpers shared with test_proxy / test_endpoints ---------------------------------
@@ -74,7 +68,7 @@ class Twistd:
         for port in ports:
             try:
                 wait_for_port(port, process=self.process)
-            except AssertionError as error:
+            except processes.ServerFailed as error:
                 raise AssertionError(f"{error}\n{self.output()}") from None
 
     def output(self) -> str:
@@ -82,14 +76,7 @@ class Twistd:
 
     def stop(self) -> int:
         """SIGTERM, then SIGKILL if it does not exit in time; the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return processes.stop(self.process, timeout=15)
 
 
 @contextmanager
@@ -210,7 +197,7 @@ def test_certificate_with_key_in_the_same_file(tls_files: TLSFiles, tmp_path: Pa
     assert parse("--certificate", str(both))["certificateOptions"].privateKey is not None
 
 
-@shared_only
+@pytest.mark.shared_only(SHARED_WHY)
 def test_size_and_flush_interval(tls_files: TLSFiles) -> None:
     options = parse(*files_args(tls_files), "--session-cache-size", "100", "--flush-interval", "2.5")
     cache = SessionCache(config=options["config"])
@@ -223,7 +210,7 @@ def test_flush_interval_zero_is_accepted_everywhere(tls_files: TLSFiles) -> None
     assert parse(*files_args(tls_files), "--flush-interval", "0")["config"].flush_interval == 0
 
 
-@bundled_only
+@pytest.mark.bundled_only(BUNDLED_WHY)
 @pytest.mark.parametrize("option,value", [("--session-cache-size", "100"), ("--flush-interval", "5")])
 def test_bundled_refuses_size_and_flush(tls_files: TLSFiles, option: str, value: str) -> None:
     with pytest.raises(usage.UsageError) as raised:
@@ -436,7 +423,7 @@ def test_twistd_bad_input(tmp_path: Path, tls_files: TLSFiles, other_tls_files: 
         assert_usage_error(done, option)
 
 
-@bundled_only
+@pytest.mark.bundled_only(BUNDLED_WHY)
 def test_twistd_bundled_refuses_size_and_flush(tls_files: TLSFiles) -> None:
     for option, value in [("--session-cache-size", "100"), ("--flush-interval", "5")]:
         done = run_twistd("-n", "--pidfile=", "sesscache", "--listen", "tcp:0:interface=127.0.0.1",
