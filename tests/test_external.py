@@ -120,7 +120,9 @@ def test_bad_records_never_resume_and_never_crash(
         store._entries[key] = (expires, record)
         assert s_client(ports[1], sess_in=session) == "New"
         assert s_client(ports[1]) == "New"  # and the listener goes on serving
-        assert reactor_thread.call(caches[1].stats)["store_rejected"] == 1
+        stats = reactor_thread.call(caches[1].stats)
+        assert stats["store_rejected"] == 1
+        assert stats["store_foreign_key"] == (1 if corruption == "other-key" else 0)
 
 
 class SilentStore(MemoryStore):
@@ -203,6 +205,24 @@ def test_shared_ticket_keys_resume_stateless_tickets_anywhere(
             for cache in caches:
                 reactor_thread.call(cache.stop)
     reactor_thread.call(store.close)
+
+
+def test_shared_tls13_tickets_are_renewed_for_clients_that_use_each_once(
+    reactor_thread: ReactorThread, tls_files: TLSFiles
+) -> None:
+    """The project's own client offers each TLS 1.3 ticket once: every resumption must bring a new one."""
+    from tests.test_client import series, trusting
+
+    store = MemoryStore()
+    client = SessionCache("client")
+    with fleet(reactor_thread, tls_files, store, count=1, tickets="shared") as (ports, caches):
+        reactor_thread.call(caches[0].start)
+        try:
+            creator = client.client_creator("localhost", trust_root=trusting(tls_files))
+            resumed = series(reactor_thread, creator, ports[0], count=8)
+        finally:
+            reactor_thread.call(caches[0].stop)
+    assert resumed == [False] + [True] * 7, resumed
 
 
 def test_tickets_from_before_a_rotation_still_resume(

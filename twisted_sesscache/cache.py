@@ -166,11 +166,11 @@ class SessionCache:
 
     def client_creator(self, hostname: str, **kwargs: Any) -> IOpenSSLClientConnectionCreator:
         """An ``IOpenSSLClientConnectionCreator`` for ``hostname`` that resumes sessions."""
-        return self.client.creator(hostname, **kwargs)  # type: ignore[no-any-return]
+        return self.client.creator(hostname, **kwargs)
 
     def https_policy(self, **kwargs: Any) -> IPolicyForHTTPS:
         """An ``IPolicyForHTTPS`` for ``Agent``/treq whose connections resume sessions."""
-        return self.client.https_policy(**kwargs)  # type: ignore[no-any-return]
+        return self.client.https_policy(**kwargs)
 
     # -- OpenSSL's session-cache operations -----------------------------------------------
 

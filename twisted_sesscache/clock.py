@@ -20,7 +20,7 @@ from zope.interface import implementer
 def global_reactor() -> IReactorTime:
     from twisted.internet import reactor
 
-    return reactor  # type: ignore[return-value]
+    return reactor
 
 
 @implementer(IReactorTime)

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import (
+    IReactorCore,
     IListeningPort,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
@@ -95,8 +96,9 @@ class _CacheStoppingPort:
     def startListening(self) -> None:
         self._port.startListening()
 
-    def stopListening(self) -> Deferred[None]:
-        result: Deferred[None] = maybeDeferred(self._port.stopListening)
+    def stopListening(self) -> Deferred[Any]:
+        stop: Callable[[], object] = self._port.stopListening
+        result: Deferred[Any] = maybeDeferred(stop)
         if self._on_stop is not None:
             stopped, self._on_stop = self._on_stop, None
             stopped()
@@ -180,8 +182,8 @@ class SessionCacheServerParser:
 
     prefix = "sesscache"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> TLSServerEndpoint:
-        return sesscache_endpoint(reactor, *args, **kwargs)
+    def parseStreamServer(self, reactor: IReactorCore, *args: object, **kwargs: object) -> IStreamServerEndpoint:
+        return sesscache_endpoint(reactor, *(str(a) for a in args), **{k: str(v) for k, v in kwargs.items()})
 
 
 __all__ = ["PARAMETERS", "SessionCacheServerParser", "TLSServerEndpoint", "sesscache_endpoint"]

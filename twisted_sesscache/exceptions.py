@@ -64,6 +64,10 @@ class SealError(SessionCacheError, ValueError):
     """A record that does not open: wrong key, wrong context or kind, truncated, tampered, foreign."""
 
 
+class UnknownKeyError(SealError):
+    """A record sealed under a key this process does not hold: another fleet's, or a member's new key file."""
+
+
 class ClientHelloError(SessionCacheError, ValueError):
     """The bytes are not a well-formed TLS ClientHello."""
 
@@ -81,4 +85,5 @@ __all__ = [
     "SealError",
     "SessionCacheError",
     "StoreUnavailable",
+    "UnknownKeyError",
 ]

@@ -13,9 +13,10 @@ peer and OpenSSL's reason, rate-limited.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import (
+    ITCPTransport,
     IAddress,
     IDelayedCall,
     IHandshakeListener,
@@ -24,6 +25,7 @@ from twisted.internet.interfaces import (
     IProtocolNegotiationFactory,
     IReactorTime,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -71,7 +73,7 @@ class HandshakeGuard(ProtocolWrapper):
     factory: HandshakeGuardFactory
 
     def __init__(self, factory: HandshakeGuardFactory, wrappedProtocol: IProtocol) -> None:
-        super().__init__(factory, wrappedProtocol)
+        super().__init__(factory, wrappedProtocol)  # type: ignore[arg-type]  # Twisted types it WrappingFactory[T]
         self.handshake_done = False
         self.timed_out = False
         self.dismissed = False  # closed by us for a reason of our own (shutdown): not the client's failure
@@ -97,14 +99,14 @@ class HandshakeGuard(ProtocolWrapper):
             return
         self.timed_out = True
         self.factory.failures.timed_out(self.peer_address, self.factory.timeout or 0.0)
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         if not (self.handshake_done or self.timed_out or self.dismissed):
             self.factory.failures.failed(self.peer_address, reason)
@@ -129,8 +131,8 @@ class HandshakeGuardFactory(WrappingFactory):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+            clock = reactor
+        self.clock: IReactorTime = clock
         self.failures = failures
         self.timeout = timeout
         # Twisted's TLS layer asks the factory it wraps for the ALPN protocols: pass the question on.
@@ -149,7 +151,7 @@ class HandshakeGuardFactory(WrappingFactory):
         pending = [guard for guard in self.protocols if not guard.handshake_done and guard.transport is not None]
         for guard in pending:
             guard.dismissed = True
-            guard.transport.abortConnection()  # type: ignore[union-attr]
+            guard.transport.abortConnection()
         return len(pending)
 
 

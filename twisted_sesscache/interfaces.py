@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 
@@ -20,25 +21,25 @@ class ISessionStore(Interface):
         "needs the same sealing key; False for a store that never leaves this process."
     )
 
-    def get(key: bytes) -> object:  # Deferred[bytes | None]
+    def get(key: bytes) -> Deferred[bytes | None]:
         """The value under ``key``, or None."""
 
-    def take(key: bytes) -> object:  # Deferred[bytes | None]
+    def take(key: bytes) -> Deferred[bytes | None]:
         """The value under ``key``, removed in the same step (Redis GETDEL): single-use records."""
 
-    def set(key: bytes, value: bytes, ttl: int) -> object:  # Deferred[None]
+    def set(key: bytes, value: bytes, ttl: int) -> Deferred[None]:
         """Store ``value`` for ``ttl`` seconds (0 or less: remove it)."""
 
-    def add(key: bytes, value: bytes, ttl: int) -> object:  # Deferred[bool]
+    def add(key: bytes, value: bytes, ttl: int) -> Deferred[bool]:
         """Set only if absent; true when this call set it (shared ticket keys: first one wins)."""
 
-    def delete(key: bytes) -> object:  # Deferred[None]
+    def delete(key: bytes) -> Deferred[None]:
         """Remove ``key`` if present."""
 
     def stats() -> dict[str, int]:
         """The store's own counters (``store_errors``, ...), for ``SessionCache.stats()``."""
 
-    def close() -> object:  # Deferred[None]
+    def close() -> Deferred[None]:
         """Release connections and files."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
@@ -50,6 +50,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "store_rejected": ("store_rejected", "counter", "Stored records dropped: not sealed for us or not a session"),
     "store_writes": ("store_writes", "counter", "Sessions written to the store"),
     "store_lookup_errors": ("store_lookup_errors", "counter", "Store lookups that failed (not timeouts, not misses)"),
+    "store_foreign_key": ("store_foreign_key", "counter", "Stored records sealed under a key this process does not hold"),
     "handshake_failures": ("handshake_failures", "counter", "TLS handshakes that failed before completing"),
     "handshake_timeouts": ("handshake_timeouts", "counter", "TLS handshakes dropped for not completing in time"),
 }
@@ -109,7 +110,7 @@ class SessionCacheCollector(Collector):
             raise TimeoutError(f"the reactor did not hand over the session-cache statistics in {self.timeout} s")
         if "error" in result:
             raise result["error"]
-        return result["stats"]  # type: ignore[no-any-return]
+        return result["stats"]
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -150,7 +151,7 @@ def metrics_resource(cache: SessionCache, reactor: Any) -> Resource:
     """``/metrics``: prometheus-client's Twisted resource on the cache's own registry."""
     from prometheus_client.twisted import MetricsResource  # imports the global reactor
 
-    return MetricsResource(registry_for(cache, reactor))  # type: ignore[no-any-return]
+    return cast(Resource, MetricsResource(registry_for(cache, reactor)))  # a WSGIResource, which is a Resource
 
 
 __all__ = ["METRICS", "SessionCacheCollector", "metric_name", "metrics_resource", "registry_for"]

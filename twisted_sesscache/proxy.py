@@ -13,18 +13,18 @@ without ``close_notify``, which the client sees as truncation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import (
+    ITCPTransport,
     IAddress,
     IDelayedCall,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
-    IProtocol,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
@@ -273,7 +273,7 @@ class _UpstreamFactory(Factory):
     def __init__(self, protocol: ProxyClient) -> None:
         self._protocol = protocol
 
-    def buildProtocol(self, addr: IAddress) -> ProxyClient:
+    def buildProtocol(self, addr: IAddress | None) -> ProxyClient:
         return self._protocol
 
 
@@ -314,8 +314,8 @@ class ProxyFactory(Factory):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+            clock = reactor
+        self.clock: IReactorTime = clock
         self.upstream = upstream
         self.name = name
         self.upstream_creator = upstream_creator
@@ -328,9 +328,9 @@ class ProxyFactory(Factory):
             if guard else None
         self.counts = {counter: 0 for counter in self.UPSTREAM_COUNTERS.values()}
         self._upstream_log = RateLimitedLog(self.log, self.clock, "upstream failures", level=LogLevel.warn)
-        self.drain = Drain(self.clock, self.log, "proxied connections")
+        self.drain: Drain[ProxyServer] = Drain(self.clock, self.log, "proxied connections")
 
-    def buildProtocol(self, addr: IAddress) -> IProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         protocol = ProxyServer(self)
         protocol.factory = self
         return self.guard.wrap(protocol) if self.guard is not None else protocol
@@ -349,7 +349,7 @@ class ProxyFactory(Factory):
         if self.upstream_creator is not None:
             endpoint = wrapClientTLS(self.upstream_creator, endpoint)
         client = ProxyClient(server, tls=self.upstream_creator is not None)
-        return endpoint.connect(_UpstreamFactory(client))  # type: ignore[no-any-return]
+        return cast("Deferred[ProxyClient]", endpoint.connect(_UpstreamFactory(client)))
 
     def upstream_failed(self, kind: str, peer: IAddress, reason: Failure) -> None:
         """Count and log (rate-limited) an upstream leg that could not connect, failed TLS or was reset."""
@@ -370,12 +370,12 @@ class ProxyFactory(Factory):
         else:
             for server in self.drain.members():
                 if not server.handshake_done and server.transport is not None:
-                    server.transport.abortConnection()  # type: ignore[union-attr]
+                    _abort(server)
         self.handshakes.flush()
         self._upstream_log.flush()
         return self.drain.wait(self.shutdown_timeout if timeout is None else timeout,
                                close=lambda server: server.cut(),
-                               abort=lambda server: server.transport.abortConnection())
+                               abort=_abort)
 
 
 class ProxyShutdownService(service.Service):
@@ -407,6 +407,12 @@ def proxy_factory(reactor: Any, options: Mapping[str, Any]) -> ProxyFactory:
         **settings.arguments(),
     )
 
+
+
+def _abort(server: ProxyServer) -> None:
+    """Drop the accepted leg at once (its TLS transport offers abortConnection)."""
+    if server.transport is not None:
+        cast(ITCPTransport, server.transport).abortConnection()
 
 __all__ = [
     "IDLE_TIMEOUT", "MAX_EARLY_DATA", "SHUTDOWN_TIMEOUT", "FlowControl", "ProxyClient", "ProxyFactory",

@@ -74,7 +74,7 @@ def header(version: str, source: IAddress, destination: IAddress) -> bytes:
 
 class _HeaderFirst(ProtocolWrapper):
     def makeConnection(self, transport: Any) -> None:
-        transport.write(self.factory.header)  # type: ignore[attr-defined]
+        transport.write(self.factory.header)
         super().makeConnection(transport)
 
 

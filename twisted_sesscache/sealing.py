@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from twisted_sesscache.exceptions import ConfigurationError, KeyFileError, SealError
+from twisted_sesscache.exceptions import ConfigurationError, KeyFileError, SealError, UnknownKeyError
 
 __all__ = [
     "KEY_BYTES",
@@ -31,6 +31,7 @@ __all__ = [
     "SealError",
     "Sealer",
     "check_key_file",
+    "key_fingerprint",
     "key_id",
     "load_or_create_key_file",
 ]
@@ -50,6 +51,11 @@ _KEY_ID_LABEL = b"twisted_sesscache sealing key id v1\x00"
 def key_id(key: bytes) -> bytes:
     """Name a key in records without revealing it, so rotation can pick the right key."""
     return hashlib.sha256(_KEY_ID_LABEL + bytes(key)).digest()[:_KEY_ID_BYTES]
+
+
+def key_fingerprint(key: bytes) -> str:
+    """What logs and ``/stats.json`` show of a key, so that a fleet's members can be compared."""
+    return key_id(key).hex()
 
 
 def _aad(header: bytes, kind: bytes, context: bytes) -> bytes:
@@ -97,7 +103,7 @@ class Sealer:
         header = record[: 1 + _KEY_ID_BYTES]
         cipher = self._ciphers.get(header[1:])
         if cipher is None:
-            raise SealError("record was sealed with an unknown key")
+            raise UnknownKeyError("record was sealed with an unknown key")
         nonce = record[len(header) : _HEADER_BYTES]
         try:
             return cipher.decrypt(nonce, record[_HEADER_BYTES:], _aad(header, kind, context))
@@ -115,7 +121,8 @@ def _fix_hint(path: str) -> str:
 
 def _read_key_file(path: str) -> bytes:
     """Read and vet an existing key file; FileNotFoundError propagates so the caller can create it."""
-    fd = os.open(path, os.O_RDONLY)
+    # Non-blocking: opening a FIFO for reading would otherwise wait for a writer, forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -16,10 +16,9 @@ from twisted_sesscache.cache import SessionCache
 
 
 def version_text() -> str:
-    import OpenSSL
-    import twisted
+    from importlib.metadata import version
 
-    return (f"twisted-sesscache {__version__} (Twisted {twisted.__version__}, pyOpenSSL {OpenSSL.__version__})\n"
+    return (f"twisted-sesscache {__version__} (Twisted {version('twisted')}, pyOpenSSL {version('pyopenssl')})\n"
             f"runtime: {openssl_runtime().describe()}")
 
 
@@ -55,7 +54,7 @@ class SessionCacheService(service.Service):
 
     def stopService(self) -> Deferred[None] | None:
         self.cache.stop()
-        return super().stopService()  # type: ignore[no-any-return]
+        return super().stopService()
 
 
 @implementer(IStreamServerEndpoint)
@@ -69,7 +68,7 @@ class AnnouncedEndpoint:
         self.upstream = upstream
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(protocolFactory).addCallback(self._listening)  # type: ignore[no-any-return]
+        return self.endpoint.listen(protocolFactory).addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         address = port.getHost()

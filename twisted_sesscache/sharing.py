@@ -10,19 +10,21 @@ import os
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from twisted_sesscache._openssl import OpenSSLAccess
 from twisted_sesscache.client.shared import SharedClientSessions
 from twisted_sesscache.config import CacheConfig, Tickets
 from twisted_sesscache.exceptions import ConfigurationError, KeyFileError
 from twisted_sesscache.interfaces import IExpiringStore, ISessionStore
-from twisted_sesscache.sealing import KEY_BYTES, Sealer, load_or_create_key_file
+from twisted_sesscache.sealing import KEY_BYTES, Sealer, key_fingerprint, load_or_create_key_file
 from twisted_sesscache.server.external import ExternalSessions
 from twisted_sesscache.server.tickets import SharedTicketKeys
 from twisted_sesscache.stores import store_from_url
 
 # Records an in-process store drops per flush tick at most (a few milliseconds' work).
 STORE_EXPIRY_BUDGET = 1000
+_log = Logger(namespace="twisted_sesscache.sharing")
 
 
 class Sharing:
@@ -32,7 +34,9 @@ class Sharing:
         self.config = config
         self.clock = clock
         self.store = _store(config, clock)
-        self.sealer = Sealer(_keys(config, self.store))
+        keys = _keys(config, self.store)
+        self.sealer = Sealer(keys)
+        self.key_fingerprint = key_fingerprint(keys[0])
         self.external: ExternalSessions | None = None
         if runtime.shared:  # the bundled runtime cannot reach OpenSSL's session callbacks
             self.external = ExternalSessions(
@@ -67,7 +71,7 @@ class Sharing:
             self.store.expire(budget=STORE_EXPIRY_BUDGET)
 
     def stats(self) -> dict[str, object]:
-        summary: dict[str, object] = {"store": type(self.store).__name__}
+        summary: dict[str, object] = {"store": type(self.store).__name__, "store_key_fingerprint": self.key_fingerprint}
         summary.update(self.store.stats())
         if self.external is not None:
             summary.update(self.external.counts)
@@ -89,10 +93,18 @@ def _keys(config: CacheConfig, store: ISessionStore) -> list[bytes]:
     if config.store_keys:
         return list(config.store_keys)
     if config.store_key_file is not None:
+        existed = os.path.lexists(config.store_key_file)
         try:
-            return [load_or_create_key_file(config.store_key_file)]
+            key = load_or_create_key_file(config.store_key_file)
         except KeyFileError as error:
             raise ConfigurationError("store_key_file", str(error)) from None
+        if not existed:
+            _log.warn(
+                "Created a new sealing key file {path} (fingerprint {fingerprint}): every process sharing the "
+                "store must use this same file, or it cannot read their records nor they its",
+                path=config.store_key_file, fingerprint=key_fingerprint(key),
+            )
+        return [key]
     if store.shared:
         raise ConfigurationError(
             "store_key_file",

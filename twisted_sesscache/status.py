@@ -12,6 +12,7 @@ import html
 import json
 from typing import Any
 
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -101,7 +102,7 @@ class StatusPage(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return self
-        return super().getChild(path, request)  # type: ignore[no-any-return]
+        return super().getChild(path, request)
 
     def render_GET(self, request: Request) -> bytes:
         if hasattr(request.channel, "persistent"):
@@ -200,7 +201,7 @@ def stats_resource(cache: SessionCache, reactor: Any) -> Resource:
 class StatsSite(Site):
     """A Site without an access log line per request: scrapers come every few seconds."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

@@ -294,7 +294,7 @@ def makeService(options: Options) -> service.MultiService:
 
     creator = cache.server_context_factory(options["certificateOptions"], options["alpnProtocols"])
     settings: ProxySettings = options.get("proxySettings") or ProxySettings()
-    handshakes = HandshakeFailures(reactor)  # type: ignore[arg-type]
+    handshakes = HandshakeFailures(reactor)
     if options["upstream"]:
         upstream_tls: UpstreamTLS | None = options["upstreamTLS"]
         factory: Any = proxy_factory(reactor, {
@@ -305,7 +305,7 @@ def makeService(options: Options) -> service.MultiService:
         })
     else:
         factory = HandshakeGuardFactory(status_site(cache), handshakes, timeout=settings.handshake_timeout,
-                                        clock=reactor)  # type: ignore[arg-type]
+                                        clock=reactor)
     tls = TLSServerEndpoint(serverFromString(reactor, options["listen"]), creator)
     listener(AnnouncedEndpoint(tls, options["upstream"]), factory).setServiceParent(top)
     if options["upstream"]:

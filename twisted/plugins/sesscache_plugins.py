@@ -31,7 +31,7 @@ class _SessionCacheEndpointParser:
 
     prefix = "sesscache"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+    def parseStreamServer(self, reactor: Any, *args: object, **kwargs: object) -> Any:
         from twisted_sesscache.endpoints import SessionCacheServerParser
 
         return SessionCacheServerParser().parseStreamServer(reactor, *args, **kwargs)

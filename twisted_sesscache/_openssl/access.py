@@ -36,7 +36,7 @@ from twisted_sesscache._openssl.callbacks import (
     TicketKeyCallback,
 )
 from twisted_sesscache.exceptions import NeedsSharedOpenSSL
-from twisted_sesscache.interfaces import ITicketKeySource, TicketKey
+from twisted_sesscache.interfaces import ITicketKeySource
 
 
 class OpenSSLAccess:
@@ -50,7 +50,8 @@ class OpenSSLAccess:
         self.name = SHARED if shared else BUNDLED
         self.version = openssl_version()
         self._handles = shared
-        self._ffi, self._lib = shared if shared else (None, None)
+        self._ffi: Any = shared.ffi if shared else None
+        self._lib: Any = shared.lib if shared else None
         self._session_callbacks: SessionCallbacks | None = None
         self._ticket_callback: TicketKeyCallback | None = None
 
@@ -101,14 +102,14 @@ class OpenSSLAccess:
 
     def ignore_unexpected_eof(self, connection: SSL.Connection) -> None:
         """Keep this one connection's session alive when the peer skips close_notify."""
-        pylib.SSL_set_options(connection._ssl, SSL.OP_IGNORE_UNEXPECTED_EOF)
+        pylib.SSL_set_options(connection._ssl, OP_IGNORE_UNEXPECTED_EOF)
 
     def session_to_der(self, session: SSL.Session) -> bytes:
         """i2d_SSL_SESSION: the session as OpenSSL serialises it."""
         if self.shared:
-            ffi, lib, pointer = self._ffi, self._lib, self._ptr(session._session)
+            ffi, lib, pointer = self._ffi, self._lib, self._ptr(_session_of(session))
         else:
-            ffi, lib, pointer = pyffi, pylib, session._session
+            ffi, lib, pointer = pyffi, pylib, _session_of(session)
         length = lib.i2d_SSL_SESSION(pointer, ffi.NULL)
         if length <= 0:
             raise ValueError("OpenSSL could not encode the session")
@@ -124,9 +125,7 @@ class OpenSSLAccess:
             session = self._adopt(pointer)
             self._lib.SSL_SESSION_free(pointer)  # _adopt took its own reference
             return session
-        session = SSL.Session.__new__(SSL.Session)
-        session._session = pyffi.gc(pointer, pylib.SSL_SESSION_free)
-        return session
+        return _session_holding(pyffi.gc(pointer, pylib.SSL_SESSION_free))
 
     def _decode_session(self, der: bytes) -> Any:
         """A new SSL_SESSION reference (the caller owns it) from DER bytes."""
@@ -146,7 +145,7 @@ class OpenSSLAccess:
         through the very same ``Context`` object; OpenSSL asks only for a
         compatible one, which the client side's session keys guarantee.
         """
-        if pylib.SSL_set_session(connection._ssl, session._session) != 1:
+        if pylib.SSL_set_session(connection._ssl, _session_of(session)) != 1:
             drain_errors()
             raise SSL.Error([("SSL routines", "SSL_set_session", "session refused")])
 
@@ -155,7 +154,7 @@ class OpenSSLAccess:
 
     def session_identity(self, session: SSL.Session) -> int:
         """The address of the ``SSL_SESSION``: equal only for the same object."""
-        return address(session._session)
+        return address(_session_of(session))
 
     def current_session_identity(self, connection: SSL.Connection) -> int:
         """The address of the connection's session, without taking a reference."""
@@ -191,22 +190,22 @@ class OpenSSLAccess:
 
     def add_session(self, context: SSL.Context, session: SSL.Session) -> bool:
         lib = self._need("Adding a session to the cache")
-        return bool(lib.SSL_CTX_add_session(self._ptr(context._context), self._ptr(session._session)))
+        return bool(lib.SSL_CTX_add_session(self._ptr(context._context), self._ptr(_session_of(session))))
 
     def remove_session(self, context: SSL.Context, session: SSL.Session) -> bool:
         lib = self._need("Removing a session from the cache")
-        return bool(lib.SSL_CTX_remove_session(self._ptr(context._context), self._ptr(session._session)))
+        return bool(lib.SSL_CTX_remove_session(self._ptr(context._context), self._ptr(_session_of(session))))
 
     def session_id(self, session: SSL.Session) -> bytes:
         lib = self._need("Reading a session ID")
         length = self._ffi.new("unsigned int *")
-        data = lib.SSL_SESSION_get_id(self._ptr(session._session), length)
+        data = lib.SSL_SESSION_get_id(self._ptr(_session_of(session)), length)
         return bytes(self._ffi.buffer(data, length[0]))
 
     def session_expiry(self, session: SSL.Session) -> int:
         """When the session stops being resumable, in seconds since the epoch."""
         lib = self._need("Reading a session's lifetime")
-        pointer = self._ptr(session._session)
+        pointer = self._ptr(_session_of(session))
         return int(lib.SSL_SESSION_get_time(pointer) + lib.SSL_SESSION_get_timeout(pointer))
 
     def set_session_callbacks(
@@ -249,22 +248,34 @@ class OpenSSLAccess:
     def _adopt(self, pointer: Any) -> SSL.Session:
         """A pyOpenSSL Session holding its own reference to an SSL_SESSION."""
         self._lib.SSL_SESSION_up_ref(pointer)
-        session = SSL.Session.__new__(SSL.Session)
-        session._session = pyffi.gc(
+        session = _session_holding(pyffi.gc(
             pyffi.cast("SSL_SESSION *", int(self._ffi.cast("uintptr_t", pointer))), pylib.SSL_SESSION_free
-        )
+        ))
         return session
 
 
-# TicketKey and NeedsSharedOpenSSL are re-exported for modules that still import them from here.
+# SSL_OP_IGNORE_UNEXPECTED_EOF (openssl/ssl.h); pyOpenSSL has it, its type stubs do not.
+OP_IGNORE_UNEXPECTED_EOF: int = getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0x80)
+
+
+def _session_of(session: SSL.Session) -> Any:
+    """pyOpenSSL's ``SSL_SESSION *`` of a Session (a private attribute, the only way to it)."""
+    return session._session  # type: ignore[attr-defined]
+
+
+def _session_holding(pointer: Any) -> SSL.Session:
+    """A pyOpenSSL Session around an ``SSL_SESSION *`` whose reference it owns."""
+    session = SSL.Session.__new__(SSL.Session)
+    session._session = pointer  # type: ignore[attr-defined]
+    return session
+
+
 __all__: list[str] = [
     "BUNDLED",
     "COUNTERS",
     "SHARED",
     "GetSessionCallback",
-    "NeedsSharedOpenSSL",
     "NewSessionCallback",
     "OpenSSLAccess",
     "RemoveSessionCallback",
-    "TicketKey",
 ]

@@ -17,7 +17,10 @@ from typing import Any, NamedTuple
 
 # pyOpenSSL's own cffi handles on whichever OpenSSL it runs on (a private
 # module, the only way to its raw binding); every module of _openssl uses these.
-from OpenSSL._util import ffi as pyffi, lib as pylib
+from OpenSSL._util import ffi as _ffi, lib as _lib  # type: ignore[import-untyped]
+
+pyffi: Any = _ffi
+pylib: Any = _lib
 
 SHARED = "shared-openssl"
 BUNDLED = "bundled-openssl"
@@ -56,6 +59,7 @@ void SSL_CTX_sess_set_remove_cb(void *ctx, void (*cb)(void *ctx, void *session))
 void SSL_CTX_sess_set_get_cb(void *ctx,
     void *(*cb)(void *ssl, const unsigned char *id, int len, int *copy));
 void *SSL_get_SSL_CTX(const void *ssl);
+int SSL_version(const void *ssl);
 int SSL_SESSION_up_ref(void *session);
 void SSL_SESSION_free(void *session);
 void *d2i_SSL_SESSION(void **a, unsigned char **pp, long length);
@@ -127,7 +131,7 @@ def open_shared() -> Shared | None:
         if not ssl_name:
             continue
         try:
-            libssl = ffi.dlopen(ssl_name)
+            libssl: Any = ffi.dlopen(ssl_name)
             theirs = int(ffi.cast("uintptr_t", libssl.OpenSSL_version(0)))
         except (OSError, AttributeError):
             continue

@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_sesscache._openssl.binding import Shared, drain_errors, pyffi
+from twisted_sesscache._openssl.binding import TLS1_3_VERSION, Shared, drain_errors, pyffi
 from twisted_sesscache.interfaces import ITicketKeySource
 
 NewSessionCallback = Callable[["SSL.Connection | None", SSL.Session], None]
@@ -148,7 +148,9 @@ class TicketKeyCallback:
                 if found is None:
                     return 0  # unknown key: full handshake, new ticket
                 key, current = found
-                renew = not current
+                # TLS 1.3 clients use each ticket once, and OpenSSL sends a new one
+                # only when asked: always renew there; TLS 1.2 renews old keys' tickets.
+                renew = not current or lib.SSL_version(ssl) >= TLS1_3_VERSION
                 init = lib.EVP_DecryptInit_ex
             params = _mac_params(ffi, key.hmac)
             if lib.EVP_MAC_CTX_set_params(mac_ctx, params[0]) != 1 or init(cipher_ctx, cipher, ffi.NULL, key.aes, iv) != 1:
@@ -175,7 +177,7 @@ def _mac_params(ffi: Any, hmac_key: bytes) -> tuple[Any, ...]:
 def _connection_of(ffi: Any, ssl: Any) -> SSL.Connection | None:
     """The pyOpenSSL Connection that owns an ``SSL *`` (pyOpenSSL keeps the map, privately)."""
     key = pyffi.cast("SSL *", int(ffi.cast("uintptr_t", ssl)))
-    return SSL.Connection._reverse_mapping.get(key)  # type: ignore[attr-defined, no-any-return]
+    return SSL.Connection._reverse_mapping.get(key)  # type: ignore[attr-defined]
 
 
 def report(exception_type: type[BaseException], value: BaseException, traceback: Any) -> None:

@@ -92,7 +92,7 @@ class SessionTLSClientParser:
             port=port_number,
         )
         if endpoint is not None:
-            wrapped = clientFromString(reactor, _text(endpoint))  # type: ignore[no-untyped-call]
+            wrapped = clientFromString(reactor, _text(endpoint))
         else:
             wrapped = HostnameEndpoint(
                 reactor,

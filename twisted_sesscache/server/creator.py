@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from twisted_sesscache.server.alpn import install_alpn, protocols_for
-from twisted_sesscache.tls.connection import WatchedConnection
 
 if TYPE_CHECKING:
     from twisted_sesscache.server.contexts import ServerContexts
@@ -78,10 +77,10 @@ class SessionServerCreator:
         """For code that still asks for a context factory's context."""
         return self.cache.attach(self.options.getContext(), self._sid_context)
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> WatchedConnection:
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # a WatchedConnection stands in
         if IOpenSSLServerConnectionCreator.providedBy(self.options):
             connection = self.options.serverConnectionForTLS(tlsProtocol)
         else:
             connection = SSL.Connection(self.options.getContext(), None)
         self.cache.attach(connection.get_context(), self._sid_context)
-        return self.cache.watch(connection)
+        return cast(SSL.Connection, self.cache.watch(connection))

@@ -17,16 +17,17 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from twisted_sesscache.interfaces import TicketKey
+from twisted_sesscache.interfaces import ISessionStore, ITicketKeySource, TicketKey
 from twisted_sesscache.sealing import SealError, Sealer
-from twisted_sesscache.interfaces import ISessionStore
 
 KIND = b"ticket-key"
 CONTEXT = b"twisted-sesscache ticket keys"
 MAX_WINDOW = 48  # previous epochs kept, whatever the lifetime/rotation ratio
 
 
+@implementer(ITicketKeySource)
 class SharedTicketKeys:
     """The ticket keys of the current, next and recent epochs, as OpenSSL's callback needs them."""
 

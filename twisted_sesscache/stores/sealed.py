@@ -15,10 +15,12 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
+from twisted_sesscache.exceptions import UnknownKeyError
 from twisted_sesscache.sealing import SealError, Sealer
 from twisted_sesscache.interfaces import ISessionStore
 
-COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_lookup_errors", "store_rejected", "store_writes")
+COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_lookup_errors", "store_rejected",
+            "store_foreign_key", "store_writes")
 
 
 class SealedRecords:
@@ -77,8 +79,8 @@ class SealedRecords:
             state["name"] = name
             call = self.store.take(name) if take else self.store.get(name)
             if index + 1 == len(names):
-                return call  # type: ignore[no-any-return]
-            return call.addCallback(lambda record: record if record is not None else read(index + 1))  # type: ignore[no-any-return]
+                return call
+            return call.addCallback(lambda record: record if record is not None else read(index + 1))
 
         def found(record: bytes | None) -> bytes | None:
             if record is None:
@@ -108,6 +110,8 @@ class SealedRecords:
 
     def _reject(self, error: Exception) -> None:
         self.counts["store_rejected"] += 1
+        if isinstance(error, UnknownKeyError):  # another fleet's record, or a member with another key file
+            self.counts["store_foreign_key"] += 1
         reason = type(error).__name__
         if reason not in self._logged:
             self._logged.add(reason)
