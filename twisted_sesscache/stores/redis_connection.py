@@ -26,6 +26,10 @@ from zope.interface import implementer
 from twisted_sesscache.stores.redis_target import RedisTarget
 
 
+# Behind Sentinel, seconds between looks for the primary while there is none (a failover takes a few).
+SENTINEL_RETRY = 0.5
+
+
 class NotPrimary(txredisapi.ConnectionError):
     """Sentinel named a server that is (no longer) the primary."""
 
@@ -34,7 +38,7 @@ class _SetupProtocol(txredisapi.RedisProtocol):
     """Logs in, checks the role behind Sentinel and selects the database, all within a deadline."""
 
     factory: Any
-    _lost = False
+    _told = False  # why this connection never became usable has been told to the link
 
     def connectionMade(self) -> None:
         setup = self._setup()
@@ -64,15 +68,16 @@ class _SetupProtocol(txredisapi.RedisProtocol):
         self.factory.link.connection_usable()
 
     def _unusable(self, failure: Any) -> None:
-        if self._lost:
+        if self._told:
             return  # connectionLost said why, better than txredisapi's "Lost connection"
+        self._told = True
         self.factory.link.connection_failed(failure.value)
         self.transport.abortConnection()
 
     def connectionLost(self, why: Any) -> None:
-        if not self._ready and not self._lost:
+        if not self._ready and not self._told:
+            self._told = True
             self.factory.link.connection_failed(why.value)
-        self._lost = True
         super().connectionLost(why)
 
 
@@ -151,7 +156,7 @@ class RedisLink:
         self.connect_failures = 0
         self._usable_seen = 0
         self._down_since = 0.0
-        self._last_error = "no answer yet"
+        self._last_error = f"no connection answered within {self.probe_timeout:g} s"
         self._probe: Deferred[Any] | None = None
         self._unanswered_since: float | None = None
         self._deciding = False
@@ -221,7 +226,7 @@ class RedisLink:
         if target.sentinels:
             if self._sentinel is None:
                 self._sentinel = txredisapi.Sentinel(list(target.sentinels))
-                self._sentinel.discovery_timeout = self.probe_timeout
+                self._sentinel.discovery_timeout = SENTINEL_RETRY
                 for node in self._sentinel.sentinels:
                     node._factory.maxDelay = self.max_delay
             factory = _SentinelFactory(sentinel_manager=self._sentinel, service_name=target.service,
@@ -231,7 +236,8 @@ class RedisLink:
             factory = _DirectFactory(uuid=f"{target.host}:{target.port}", **common)
             endpoint = self.endpoint(target.host, target.port)
         factory.link = self
-        factory.maxDelay = self.max_delay
+        # Behind Sentinel a refused connection usually means a failover under way: look again soon.
+        factory.maxDelay = min(self.max_delay, SENTINEL_RETRY) if target.sentinels else self.max_delay
         factory.startConnecting(_RecordingEndpoint(endpoint, self))
         return factory
 
