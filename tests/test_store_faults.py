@@ -352,3 +352,60 @@ def test_sentinel_failover(reactor_thread: ReactorThread, tmp_path: Path) -> Non
     print(f"FAULT Sentinel failover: replica promoted {state['promoted'] - state['killed']:.2f} s after the kill; "
           f"store working {state['promoted'] - state['killed'] + outcome.recovered:.2f} s after the kill")
     assert_came_back(outcome)
+
+
+KEY = bytes(range(32))
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "restart"])
+def test_resumption_through_a_fault_end_to_end(
+    reactor_thread: ReactorThread, tls_files: Any, tmp_path: Path, redis: RedisProcess, fault: str
+) -> None:
+    """Two listeners share Redis, ``openssl s_client`` all along: no handshake fails, resumption comes back."""
+    from tests.support import s_client, tls_server
+    from twisted_sesscache import RUNTIME, SessionCache
+    from twisted_sesscache.certs import certificate_options
+
+    if not RUNTIME.shared:
+        pytest.skip("the server-side external store needs OpenSSL's session callbacks (shared-OpenSSL runtime only)")
+    store = reactor_thread.call(RedisStore.from_url, redis.url)
+    caches = [SessionCache(store=store, store_keys=[KEY], store_timeout=0.2) for _ in range(2)]
+    options = [certificate_options(tls_files.certificate, tls_files.private_key) for _ in caches]  # two SSL_CTX
+    session = tmp_path / "s.pem"
+
+    def cross_process_resumption() -> str:
+        # Without tickets, only the store can carry a session from one listener to the other.
+        s_client(ports[0], sess_out=session, extra=("-no_ticket",))
+        time.sleep(0.05)  # the write to the store is asynchronous
+        return s_client(ports[1], sess_in=session, extra=("-no_ticket",))
+
+    with captured() as events, tls_server(reactor_thread, caches[0].server_context_factory(options[0])) as a, \
+            tls_server(reactor_thread, caches[1].server_context_factory(options[1])) as b:
+        ports = [a, b]
+        assert cross_process_resumption() == "Reused"
+        if fault == "sigstop":
+            redis.pause()
+        else:
+            redis.stop()
+        results, failed = [], 0
+        ends = time.monotonic() + 5
+        while time.monotonic() < ends:
+            try:
+                results.append(cross_process_resumption())
+            except AssertionError:
+                failed += 1
+        redis.resume() if fault == "sigstop" else redis.start()
+        back = time.monotonic()
+        deadline = back + 15
+        while cross_process_resumption() != "Reused":
+            assert time.monotonic() < deadline, "resumption across listeners never came back"
+            time.sleep(0.1)
+        recovered = time.monotonic() - back
+    reactor_thread.call(store.close)
+    print(f"\nEND-TO-END {fault}: {failed} handshakes failed during the fault "
+          f"({len(results)} pairs, {results.count('Reused')} resumed across listeners); "
+          f"resumption back {recovered:.2f} s after Redis answered again")
+    assert failed == 0
+    assert recovered < RECOVERY_BUDGET
+    assert [e for e in events if "log_failure" in e] == []
+    assert len([e for e in events if "is unavailable" in str(e.get("log_format", ""))]) == 1
