@@ -232,6 +232,8 @@ def test_rediss_verifies_the_server(reactor_thread: ReactorThread, tmp_path: Pat
         for store in stores:
             reactor_thread.call(store.set, b"k", b"v", 60)
             assert reactor_thread.call(store.get, b"k") == b"v"
+        with pytest.raises(Exception):
+            reactor_thread.call(wrong.get, b"k")  # the first call connects
         deadline = time.monotonic() + 10
         while reactor_thread.call(wrong.stats)["store_connected"] == 0 and not wrong._link.down:
             assert time.monotonic() < deadline

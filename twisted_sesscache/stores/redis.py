@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_sesscache.clock import LateClock, global_reactor
 from twisted_sesscache.exceptions import StoreUnavailable
 from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores.redis_connection import RedisLink
@@ -62,9 +63,7 @@ class RedisStore:
         reactor: Any = None,
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+            reactor = LateClock(global_reactor)  # the global reactor, imported only when first used
         if not timeout > 0:
             raise ValueError(f"Redis store timeout must be a positive number of seconds, not {timeout}")
         if target is None:

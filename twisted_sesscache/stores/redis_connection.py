@@ -18,7 +18,7 @@ from typing import Any
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -163,14 +163,22 @@ class RedisLink:
         self._built_at = 0.0
         self._tls: Any = self._tls_options() if target.tls else None
         self._sentinel: Any = None
-        self._factory: Any = self._build()
+        self._factory: Any = None
+        self._interval = interval
         self._watchdog = LoopingCall(self._tick)
-        self._watchdog.clock = reactor
-        self._watchdog.start(interval, now=False)
+
+    def start(self) -> None:
+        """Connect, on first use: not while options are parsed (before twistd forks), and on the clock
+        the cache finally runs on."""
+        if self._factory is not None or self.closing:
+            return
+        self._factory = self._build()
+        self._watchdog.clock = self.clock
+        self._watchdog.start(self._interval, now=False)
 
     @property
     def connected(self) -> bool:
-        return self.state == "up" and bool(self._factory.size)
+        return self.state == "up" and bool(self._factory is not None and self._factory.size)
 
     @property
     def down(self) -> bool:
@@ -178,10 +186,13 @@ class RedisLink:
 
     def connection(self) -> Deferred[Any]:
         """A usable connection (requests are pipelined on it), or a wait until one is."""
+        self.start()
         return self._factory.getConnection(peek=True)  # type: ignore[no-any-return]
 
     def endpoint(self, host: str, port: int) -> Any:
-        endpoint: Any = HostnameEndpoint(self.clock, host, port, timeout=self.setup_timeout)
+        # The clock may be a stand-in with time only; connections need the reactor (as txredisapi's do).
+        network = self.clock if IReactorTCP.providedBy(self.clock) else _global_reactor()
+        endpoint: Any = HostnameEndpoint(network, host, port, timeout=self.setup_timeout)
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls(host), endpoint)
         return endpoint
@@ -204,6 +215,8 @@ class RedisLink:
             self._watchdog.stop()
         if self._probe is not None:
             self._probe.cancel()
+        if self._factory is None:
+            return succeed(None)
         closing = [self._factory.disconnect()]
         if self._sentinel is not None:
             closing.append(self._sentinel.disconnect())
@@ -312,6 +325,12 @@ class RedisLink:
                 seconds=self.clock.seconds() - self._down_since,
             )
         self.state = "up"
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def _describe(error: BaseException) -> str:
