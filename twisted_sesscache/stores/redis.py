@@ -58,7 +58,7 @@ class RedisStore:
         target: RedisTarget | None = None,
         prefix: bytes = b"sesscache:",
         timeout: float = DEFAULT_TIMEOUT,
-        max_pending: int = 256,
+        max_pending: int = 1024,
         poolsize: int = 2,
         reactor: Any = None,
     ) -> None:
