@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -162,9 +163,10 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisProcess:
     """A throwaway redis-server on a loopback port; stop() and start() model an outage."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
         self.directory = directory
-        self.port = free_port()
+        self.port = free_port() if port is None else port
+        self.extra = extra  # more redis-server arguments, e.g. "--enable-debug-command", "yes"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -174,14 +176,24 @@ class RedisProcess:
     def start(self) -> None:
         self.process = spawn(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--daemonize", "no", "--protected-mode", "yes"],
+             "--dir", str(self.directory), "--daemonize", "no", "--protected-mode", "yes", *self.extra],
         )  # fmt: skip
         wait_for_port(self.port, self.process)
 
     def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             stop(self.process, timeout=10)
             self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets and answers nothing (a stall)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def command(self, *args: str) -> str:
         """A redis-cli-free command: RESP over a socket, for assertions and corruption."""

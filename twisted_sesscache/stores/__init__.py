@@ -9,14 +9,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted_sesscache.interfaces import ISessionStore
 
 
-def store_from_url(url: str, reactor: IReactorTime | None = None) -> ISessionStore:
-    """``memory:`` or ``redis://[:password@]host:port/db`` (``rediss://`` for TLS to Redis)."""
+def store_from_url(url: str, reactor: IReactorTime | None = None, *, ca: str | None = None) -> ISessionStore:
+    """``memory:``, ``redis://[[user]:password@]host:port/db[?ca=...&sni=...&timeout=...]``, ``rediss://``
+    (TLS, the server verified against ``ca`` or the platform's roots) or
+    ``redis+sentinel://host:port[,host:port]/SERVICE[/DB]``."""
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory" or url == "memory":
         from twisted_sesscache.stores.memory import MemoryStore
 
         return MemoryStore()
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
         try:
             from twisted_sesscache.stores.redis import RedisStore
         except ImportError:
@@ -25,7 +27,7 @@ def store_from_url(url: str, reactor: IReactorTime | None = None) -> ISessionSto
                 "(under the shared-OpenSSL runtime: pip install --no-deps txredisapi)"
             ) from None
 
-        return RedisStore.from_url(url, reactor)
+        return RedisStore.from_url(url, reactor, ca=ca)
     raise ValueError(f"unknown store {url!r}: expected 'memory' or redis://host:port/db")
 
 

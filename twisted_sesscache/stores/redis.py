@@ -1,27 +1,44 @@
-"""Sessions in Redis through txredisapi: shared by processes and hosts, never waited on."""
+"""Sessions in Redis through txredisapi: shared by processes and hosts, never waited on.
+
+Requests are pipelined on the pool's connections; each one's deadline counts
+from the moment it is written, so a burst is not timed out by its own queue;
+deletes made in one reactor turn (an OpenSSL flush removes thousands) go as
+one ``DEL``. Failures are counted as what they are and never raised into a
+handshake; the connection keeps itself alive (``redis_connection``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import txredisapi
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_sesscache.clock import LateClock, global_reactor
 from twisted_sesscache.exceptions import StoreUnavailable
 from twisted_sesscache.interfaces import ISessionStore
+from twisted_sesscache.stores.redis_connection import RedisLink
+from twisted_sesscache.stores.redis_target import RedisTarget, parse_redis_url
+
+DEFAULT_TIMEOUT = 1.0
+# Keys per DEL command: one command, but not one that stalls Redis.
+DELETE_BATCH = 1000
+# At most one line per this many seconds about calls refused at the cap.
+REFUSAL_LOG_INTERVAL = 5.0
+COUNTERS = ("store_errors", "store_timeouts", "store_refused")
 
 
 @implementer(ISessionStore)
 class RedisStore:
-    """Bounded, time-limited Redis calls; failures are counted and reported, never raised into a handshake.
+    """Bounded, time-limited Redis calls; failures counted (``stats()``), never raised into a handshake.
 
-    txredisapi queues commands while it reconnects; every call here carries a
-    timeout, which cancels its place in that queue, and no more than
-    ``max_pending`` calls wait at once, so a dead Redis costs a counter, not memory.
+    No more than ``max_pending`` calls wait at once (a batch of deletes is
+    one), so a dead Redis costs counters, not memory; while the store is known
+    to be down, calls fail at once instead of waiting.
     """
 
     log = Logger()
@@ -34,116 +51,180 @@ class RedisStore:
         db: int = 0,
         password: str | None = None,
         *,
+        username: str | None = None,
         tls: bool = False,
+        ca: str | None = None,
+        sni: str | None = None,
+        target: RedisTarget | None = None,
         prefix: bytes = b"sesscache:",
-        timeout: float = 1.0,
-        max_pending: int = 256,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_pending: int = 1024,
+        poolsize: int = 2,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self._reactor: IReactorTime = reactor
-        self.address = f"{host}:{port}/{db}"
+            reactor = LateClock(global_reactor)  # the global reactor, imported only when first used
+        if not timeout > 0:
+            raise ValueError(f"Redis store timeout must be a positive number of seconds, not {timeout}")
+        if target is None:
+            target = RedisTarget(host, port, db, username, password, tls, ca, sni)
+        self._reactor = reactor
+        self.address = target.address
         self.prefix = prefix
         self.timeout = timeout
         self.max_pending = max_pending
-        self.errors = 0
+        self.counts = dict.fromkeys(COUNTERS, 0)
         self._pending = 0
-        self._down_logged = False
-        ssl_factory: Any = False
-        if tls:
-            from twisted.internet.ssl import ClientContextFactory
-
-            ssl_factory = ClientContextFactory()
-        self._redis = txredisapi.lazyConnectionPool(
-            host,
-            port,
-            dbid=db,
-            poolsize=2,
-            reconnect=True,
-            charset=None,
-            password=password,
-            ssl_context_factory=ssl_factory,
-            connectTimeout=timeout,
-            replyTimeout=timeout,
-            convertNumbers=False,
-        )
-        # Reconnect with exponential backoff, capped so that a returning Redis is found soon.
-        self._redis._factory.maxDelay = 5
-        self._redis._factory.noisy = False
+        self._refused_logged_at: float | None = None
+        self._refused_since_log = 0
+        self._deletes: list[bytes] = []
+        self._delete_waiters: list[Deferred[None]] = []
+        self._delete_flush: Any = None
+        self._link = RedisLink(target, timeout=timeout, poolsize=poolsize, reactor=reactor)
 
     @classmethod
-    def from_url(cls, url: str, reactor: IReactorCore | None = None, **kwargs: Any) -> RedisStore:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"not a Redis URL: {url!r}")
-        try:
-            db = int(parts.path.strip("/") or 0)
-            port = parts.port or 6379
-        except ValueError:
-            raise ValueError(f"bad Redis URL {url!r}: port and database must be numbers") from None
-        password = unquote(parts.password) if parts.password else None
-        return cls(parts.hostname or "127.0.0.1", port, db, password, tls=parts.scheme == "rediss",
-                   reactor=reactor, **kwargs)
+    def from_url(cls, url: str, reactor: Any = None, **kwargs: Any) -> RedisStore:
+        """``redis://``, ``rediss://``, ``redis+sentinel://`` (see ``redis_target``); keywords override the URL."""
+        target = parse_redis_url(url)
+        overrides = {name: kwargs.pop(name) for name in ("ca", "sni") if kwargs.get(name) is not None}
+        target = dataclasses.replace(target, **overrides)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = target.timeout or DEFAULT_TIMEOUT
+        return cls(target=target, reactor=reactor, **kwargs)
 
-    def _call(self, command: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        if self._pending >= self.max_pending:
-            self.errors += 1
-            return fail(StoreUnavailable(f"{self._pending} Redis calls already waiting"))
-        try:
-            result: Deferred[Any] = getattr(self._redis, command)(*args, **kwargs)
-        except Exception as error:  # txredisapi raises ConnectionError when it gave up
-            return self._failed(error)
-        self._pending += 1
-        result.addTimeout(self.timeout, self._reactor)
+    @property
+    def errors(self) -> int:
+        return self.counts["store_errors"]
 
-        def done(value: Any) -> Any:
-            self._pending -= 1
-            if self._down_logged:
-                self._down_logged = False
-                self.log.info("Redis session store at {address} answers again", address=self.address)
-            return value
-
-        def failed(failure: Any) -> Any:
-            self._pending -= 1
-            return self._failed(failure.value)
-
-        result.addCallbacks(done, failed)
-        return result
-
-    def _failed(self, error: BaseException) -> Deferred[Any]:
-        self.errors += 1
-        if not self._down_logged:
-            self._down_logged = True
-            self.log.warn(
-                "Redis session store at {address} failed ({error}); handshakes go on without it",
-                address=self.address,
-                error=f"{type(error).__name__}: {error}",
-            )
-        return fail(StoreUnavailable(str(error) or type(error).__name__))
-
-    def get(self, key: bytes) -> Deferred[bytes | None]:
-        return self._call("get", self.prefix + key)
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
+        """``timeout``: the caller's budget, counted from when the request is sent (default: the store's)."""
+        return self._call(("GET", self.prefix + key), timeout)
 
     def set(self, key: bytes, value: bytes, ttl: int) -> Deferred[None]:
         if ttl <= 0:
             return self.delete(key)
-        return self._call("set", self.prefix + key, value, expire=int(ttl))
+        return self._call(("SET", self.prefix + key, value, "EX", int(ttl))).addCallback(lambda _: None)
 
     def add(self, key: bytes, value: bytes, ttl: int) -> Deferred[bool]:
-        added = self._call("set", self.prefix + key, value, expire=int(ttl), only_if_not_exists=True)
-        return added.addCallback(bool)
+        added = self._call(("SET", self.prefix + key, value, "EX", max(1, int(ttl)), "NX"))
+        return added.addCallback(lambda reply: reply is not None)
 
-    def take(self, key: bytes) -> Deferred[bytes | None]:
-        return self._call("execute_command", "GETDEL", self.prefix + key)
+    def take(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
+        return self._call(("GETDEL", self.prefix + key), timeout)
 
     def delete(self, key: bytes) -> Deferred[None]:
-        return self._call("delete", self.prefix + key)
+        """Coalesced with every other delete of this reactor turn into one ``DEL``."""
+        return self.delete_many((key,))
+
+    def delete_many(self, keys: Iterable[bytes]) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._deletes.extend(self.prefix + key for key in keys)
+        self._delete_waiters.append(waiter)
+        if self._delete_flush is None:
+            self._delete_flush = self._reactor.callLater(0, self._flush_deletes)
+        return waiter
 
     def stats(self) -> dict[str, int]:
-        return {"store_errors": self.errors}
+        return {
+            **self.counts,
+            "store_reconnects": self._link.reconnects,
+            "store_connected": int(self._link.connected),
+            "store_pending": self._pending,
+        }
 
     def close(self) -> Deferred[None]:
-        return self._redis.disconnect()
+        if self._delete_flush is not None:
+            self._delete_flush.cancel()
+            self._flush_deletes()
+        return self._link.close().addCallback(lambda _: None)
+
+    def _flush_deletes(self) -> None:
+        self._delete_flush = None
+        keys, waiters = list(dict.fromkeys(self._deletes)), self._delete_waiters
+        self._deletes, self._delete_waiters = [], []
+        batches = [self._call(("DEL", *keys[i : i + DELETE_BATCH])) for i in range(0, len(keys), DELETE_BATCH)]
+
+        def done(_: Any) -> None:
+            for waiter in waiters:
+                waiter.callback(None)
+
+        def failed(failure: Any) -> None:
+            error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
+            for waiter in waiters:
+                waiter.errback(Failure(error))
+
+        gatherResults(batches, consumeErrors=True).addCallbacks(done, failed)
+
+    def _call(self, command: tuple[Any, ...], timeout: float | None = None) -> Deferred[Any]:
+        if self._link.down:
+            self.counts["store_errors"] += 1
+            return fail(StoreUnavailable(f"Redis session store at {self.address} is unavailable"))
+        if self._pending >= self.max_pending:
+            return self._refuse()
+        budget = self.timeout if timeout is None else timeout
+        if budget > self._link.longest_budget:
+            self._link.longest_budget = budget
+        self._pending += 1
+
+        def send(connection: Any) -> Deferred[Any]:
+            return _deadline(connection.execute_command(*command), budget, self._reactor)
+
+        result = _deadline(self._link.connection(), budget, self._reactor).addCallback(send)
+        return result.addBoth(self._finished)
+
+    def _finished(self, result: Any) -> Any:
+        self._pending -= 1
+        if not isinstance(result, Failure):
+            return result
+        if result.check(CancelledError):
+            return result  # the caller gave up: not the store's failure
+        if result.check(TimeoutError):
+            self.counts["store_timeouts"] += 1
+            return result
+        self.counts["store_errors"] += 1
+        return Failure(StoreUnavailable(str(result.value) or type(result.value).__name__))
+
+    def _refuse(self) -> Deferred[Any]:
+        self.counts["store_refused"] += 1
+        self._refused_since_log += 1
+        now = self._reactor.seconds()
+        if self._refused_logged_at is None or now - self._refused_logged_at >= REFUSAL_LOG_INTERVAL:
+            self.log.warn(
+                "Redis session store at {address} refused {count} call(s): {cap} already waiting "
+                "(counted in store_refused; at most one such line per {interval:g} s)",
+                address=self.address,
+                count=self._refused_since_log,
+                cap=self.max_pending,
+                interval=REFUSAL_LOG_INTERVAL,
+            )
+            self._refused_logged_at = now
+            self._refused_since_log = 0
+        return fail(StoreUnavailable(f"{self._pending} Redis calls already waiting"))
+
+
+def _deadline(deferred: Deferred[Any], seconds: float, clock: Any) -> Deferred[Any]:
+    """``deferred``, failed with TimeoutError after ``seconds`` and one more reactor turn.
+
+    The extra turn lets a reply that is already in the socket, behind a busy
+    reactor, be read before the deadline is judged.
+    """
+    expired = []
+
+    def expire() -> None:
+        if not deferred.called:
+            expired.append(True)
+            deferred.cancel()
+
+    timer = clock.callLater(seconds, lambda: clock.callLater(0, expire))
+
+    def settle(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired and isinstance(result, Failure) and result.check(CancelledError):
+            return Failure(TimeoutError(f"no answer from Redis within {seconds:g} s"))
+        return result
+
+    return deferred.addBoth(settle)
+
+
+__all__ = ["RedisStore"]
