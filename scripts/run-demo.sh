@@ -5,14 +5,14 @@ venv=${1:-.venv/shared}
 port=${SESSCACHE_PORT:-8443}
 stats=${SESSCACHE_STATS_PORT:-9100}
 cat <<MSG
-twistd sesscache on https://127.0.0.1:$port (self-signed certificate), statistics on
-http://127.0.0.1:$stats/stats.json and /metrics. Watch resumption happen:
+twistd sesscache on https://127.0.0.1:$port (self-signed certificate, loopback only), statistics on
+http://127.0.0.1:$stats/stats.json and /metrics. Watch resumption happen: open
+https://127.0.0.1:$port/ in a browser and reload, or run these two; the second says Reused:
 
-  printf 'GET / HTTP/1.0\r\n\r\n' | openssl s_client -connect 127.0.0.1:$port -ign_eof -sess_out /tmp/sesscache.pem | grep -E '^(New|Reused)'
-  printf 'GET / HTTP/1.0\r\n\r\n' | openssl s_client -connect 127.0.0.1:$port -ign_eof -sess_in /tmp/sesscache.pem | grep -E '^(New|Reused)'
-
-or open https://127.0.0.1:$port/ in a browser and reload. Ctrl-C stops it.
 MSG
+"$venv/bin/python" -c "from twisted_sesscache.status import watch_commands; print('\n'.join('  ' + c for c in watch_commands('127.0.0.1', $port)))"
+echo
+echo "Ctrl-C stops it."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$venv/bin/twistd" -n --pidfile= sesscache --generate-certificate \
   --listen "tcp:$port:interface=127.0.0.1" --stats "tcp:$stats:interface=127.0.0.1" \

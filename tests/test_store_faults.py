@@ -129,7 +129,7 @@ def exercise(
     print(f"\nFAULT {name}: recovered {outcome.recovered:.2f} s after Redis answered again; "
           f"{failed} of {failed + len([t for t in traffic.ok if began <= t <= first])} set+get failed during the fault; "
           f"store_reconnects={stats['store_reconnects']} store_errors={stats['store_errors']} "
-          f"store_timeouts={stats['store_timeouts']}; warning: {outcome.warnings[0]['error'] if outcome.warnings else None}")
+          f"store_request_timeouts={stats['store_request_timeouts']}; warning: {outcome.warnings[0]['error'] if outcome.warnings else None}")
     return outcome
 
 

@@ -126,7 +126,7 @@ def test_redis_store_basics_and_coalesced_deletes(reactor_thread: ReactorThread,
         assert "cmdstat_del:calls=2," in info  # 2,000 deletes of one turn: two DEL commands of 1,000 keys
         assert redis.command("DBSIZE").strip() == ":1"  # only "a" is left
         stats = reactor_thread.call(store.stats)
-        assert stats["store_errors"] == stats["store_timeouts"] == stats["store_refused"] == 0
+        assert stats["store_errors"] == stats["store_request_timeouts"] == stats["store_refused"] == 0
         assert stats["store_connected"] == 1
     finally:
         reactor_thread.call(store.close)
@@ -182,7 +182,7 @@ def test_redis_caller_timeout_counted_from_send_and_not_capped(reactor_thread: R
 
         assert reactor_thread.call(stall_then_get) == b"v"
         stats = reactor_thread.call(store.stats)
-        assert stats["store_errors"] == stats["store_timeouts"] == 0
+        assert stats["store_errors"] == stats["store_request_timeouts"] == 0
         server.command("DEBUG", "SLEEP", "0")
     finally:
         reactor_thread.call(store.close)

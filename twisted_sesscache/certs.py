@@ -195,3 +195,25 @@ def certificate_options(
         extraCertChain=chain[1:],
         **options,  # type: ignore[arg-type]
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m twisted_sesscache.certs DIR [NAME ...]``: a throwaway certificate for trying things out."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        print("usage: python -m twisted_sesscache.certs DIR [NAME ...]  (writes DIR/cert.pem and DIR/key.pem,"
+              " self-signed for localhost, NAMEs, 127.0.0.1 and ::1)", file=sys.stderr)
+        return 1
+    try:
+        cert, key = generate_self_signed(args[0], extra_names=args[1:])
+    except OSError as error:
+        print(f"cannot write a certificate to {args[0]!r}: {error.strerror}", file=sys.stderr)
+        return 1
+    print(f"{cert}\n{key}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

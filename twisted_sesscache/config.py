@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT: what "no size given" means to OpenSSL
 DEFAULT_TIMEOUT = 300  # seconds a session lives, server and client side
-STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel")
+STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "rediss+sentinel")
 Spelling = Callable[[str], str]
 
 
@@ -78,6 +78,8 @@ class CacheConfig:
     store: str | ISessionStore | None = None
     """A store URL (``memory``, ``redis://...``) or an object providing ISessionStore."""
     store_key_file: str | None = None
+    store_ca: str | None = None
+    """With rediss://: the CA certificates (PEM file) Redis's certificate is verified against."""
     store_keys: tuple[bytes, ...] | None = field(default=None, repr=False)
     store_timeout: float = 0.05
 
@@ -104,6 +106,8 @@ class CacheConfig:
             _check_store_url(self.store)
         if self.store is None and self.store_key_file is not None:
             raise ConfigurationError("store_key_file", "needs a store (store)")
+        if self.store_ca is not None and not (isinstance(self.store, str) and self.store.startswith("rediss")):
+            raise ConfigurationError("store_ca", "needs a TLS Redis store (store=rediss://...)")
         if self.tickets is Tickets.SHARED and self.store is None:
             raise ConfigurationError("tickets", "shared ticket keys need a store (store)")
 
@@ -276,6 +280,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store_key_file", "store-key-file", "storeKeyFile", _text,
             "File with the 32-byte key that seals what goes to the store; created with mode 0600 when "
             "absent. Every process sharing the store needs the same file."),
+    Setting("store_ca", "store-ca", "storeCa", _text,
+            "With a rediss:// store: PEM file of the CA certificates Redis's certificate is verified "
+            "against (its name is checked too) [default: the platform's trust store]."),
     Setting("store_timeout", "store-timeout", "storeTimeout", seconds,
             "Seconds a store lookup may take before the handshake goes on without it (a full handshake)."),
     Setting("ticket_key_rotation", "ticket-key-rotation", "ticketKeyRotation", seconds,

@@ -21,10 +21,15 @@ class ISessionStore(Interface):
         "needs the same sealing key; False for a store that never leaves this process."
     )
 
-    def get(key: bytes) -> Deferred[bytes | None]:
-        """The value under ``key``, or None."""
+    keeps_deadlines = Attribute(
+        "True when get and take honour their timeout argument, counted from the moment the request "
+        "is sent (a burst queued behind others is not cut short); otherwise callers keep the deadline."
+    )
 
-    def take(key: bytes) -> Deferred[bytes | None]:
+    def get(key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
+        """The value under ``key``, or None; ``timeout`` as ``keeps_deadlines`` says."""
+
+    def take(key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         """The value under ``key``, removed in the same step (Redis GETDEL): single-use records."""
 
     def set(key: bytes, value: bytes, ttl: int) -> Deferred[None]:

@@ -18,6 +18,7 @@ class MemoryStore:
     """A dict with expiry and an entry limit; answers at once."""
 
     shared = False  # records never leave the process: a random sealing key will do
+    keeps_deadlines = False  # answers at once
 
     def __init__(self, max_entries: int = 20480, clock: Callable[[], float] = time.monotonic) -> None:
         if max_entries <= 0:
@@ -31,7 +32,7 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         entry = self._entries.get(key)
         if entry is None:
             return succeed(None)
@@ -59,7 +60,7 @@ class MemoryStore:
         self.set(key, value, ttl)
         return succeed(True)
 
-    def take(self, key: bytes) -> Deferred[bytes | None]:
+    def take(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         entry = self._entries.pop(key, None)
         return succeed(entry[1] if entry is not None and entry[0] > self._clock() else None)
 

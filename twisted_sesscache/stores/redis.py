@@ -29,7 +29,7 @@ DEFAULT_TIMEOUT = 1.0
 DELETE_BATCH = 1000
 # At most one line per this many seconds about calls refused at the cap.
 REFUSAL_LOG_INTERVAL = 5.0
-COUNTERS = ("store_errors", "store_timeouts", "store_refused")
+COUNTERS = ("store_errors", "store_request_timeouts", "store_refused")
 
 
 @implementer(ISessionStore)
@@ -43,6 +43,7 @@ class RedisStore:
 
     log = Logger()
     shared = True
+    keeps_deadlines = True  # each request's budget runs from when it is written
 
     def __init__(
         self,
@@ -179,7 +180,7 @@ class RedisStore:
         if result.check(CancelledError):
             return result  # the caller gave up: not the store's failure
         if result.check(TimeoutError):
-            self.counts["store_timeouts"] += 1
+            self.counts["store_request_timeouts"] += 1
             return result
         self.counts["store_errors"] += 1
         return Failure(StoreUnavailable(str(result.value) or type(result.value).__name__))

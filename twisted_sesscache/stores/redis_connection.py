@@ -62,7 +62,8 @@ class _SetupProtocol(txredisapi.RedisProtocol):
     def _usable(self, _: Any) -> None:
         self.connected = 1
         self._ready = True
-        waiting, self._waiting_for_connect = self._waiting_for_connect, []
+        waiting: list[Deferred[Any]] = getattr(self, "_waiting_for_connect")  # txredisapi's, untyped
+        setattr(self, "_waiting_for_connect", [])
         for deferred in waiting:
             deferred.callback(self)
         self.factory.link.connection_usable()
@@ -91,7 +92,7 @@ class _NeverStops:
 
     def stopTrying(self) -> Deferred[Any]:
         if self.link.closing:
-            return super().stopTrying()  # type: ignore[misc, no-any-return]
+            return super().stopTrying()  # type: ignore[misc]
         return succeed(None)
 
 
@@ -187,7 +188,7 @@ class RedisLink:
     def connection(self) -> Deferred[Any]:
         """A usable connection (requests are pipelined on it), or a wait until one is."""
         self.start()
-        return self._factory.getConnection(peek=True)  # type: ignore[no-any-return]
+        return self._factory.getConnection(peek=True)
 
     def endpoint(self, host: str, port: int) -> Any:
         # The clock may be a stand-in with time only; connections need the reactor (as txredisapi's do).

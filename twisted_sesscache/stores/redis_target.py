@@ -11,6 +11,7 @@ certificate verified), ``redis+sentinel://h1:26379,h2:26379/SERVICE/DB``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
@@ -74,7 +75,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget(host=parts.hostname or "127.0.0.1", port=port, db=db, **common)  # type: ignore[arg-type]
 
 
-def _sentinel_target(url: str, nodes: str, path: str, common: dict[str, object]) -> RedisTarget:
+def _sentinel_target(url: str, nodes: str, path: str, common: dict[str, Any]) -> RedisTarget:
     sentinels = []
     for node in filter(None, nodes.split(",")):
         host, colon, port = node.rpartition(":")
@@ -90,7 +91,7 @@ def _sentinel_target(url: str, nodes: str, path: str, common: dict[str, object])
         raise ValueError(f"bad Redis Sentinel URL {url!r}: database must be a number")
     db = int(pieces[1]) if len(pieces) == 2 else 0
     return RedisTarget(host=sentinels[0][0], port=sentinels[0][1], db=db, sentinels=tuple(sentinels),
-                       service=unquote(pieces[0]), **common)  # type: ignore[arg-type]
+                       service=unquote(pieces[0]), **common)
 
 
 def _seconds(url: str, text: str | None) -> float | None:

@@ -19,6 +19,8 @@ from twisted_sesscache.exceptions import UnknownKeyError
 from twisted_sesscache.sealing import SealError, Sealer
 from twisted_sesscache.interfaces import ISessionStore
 
+# How long a lookup may take in all, against a store that ignores the caller's budget.
+BACKSTOP_FACTOR, BACKSTOP_SLACK = 2, 0.25
 COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_lookup_errors", "store_rejected",
             "store_foreign_key", "store_writes")
 
@@ -77,7 +79,8 @@ class SealedRecords:
         def read(index: int) -> Deferred[bytes | None]:
             name, take = names[index]
             state["name"] = name
-            call = self.store.take(name) if take else self.store.get(name)
+            read_one = self.store.take if take else self.store.get
+            call = read_one(name, timeout=self.timeout) if self.store.keeps_deadlines else read_one(name)
             if index + 1 == len(names):
                 return call
             return call.addCallback(lambda record: record if record is not None else read(index + 1))
@@ -105,7 +108,12 @@ class SealedRecords:
             return None
 
         lookup = read(0)
-        lookup.addTimeout(self.timeout, self._reactor)
+        # A store that keeps deadlines counts the budget from the moment it sends each
+        # request, so a burst queued behind others is not cut short: ours is only a backstop.
+        if self.store.keeps_deadlines:
+            lookup.addTimeout(self.timeout * BACKSTOP_FACTOR + BACKSTOP_SLACK, self._reactor)
+        else:
+            lookup.addTimeout(self.timeout, self._reactor)
         return lookup.addCallbacks(found, failed)
 
     def _reject(self, error: Exception) -> None:
