@@ -36,10 +36,11 @@ from tests.support import PEER_TIMEOUT, ReactorThread, TLSFiles, free_port, s_cl
 from tests.test_alpn import alpn_handshake
 from tests.test_endpoints import description
 from tests.test_tap import twistd
+from twisted_sesscache.certs import certificate_options
 
 CURL = "curl"
 TLS_VERSIONS = ["1.2", "1.3"]
-PATHS = ["status", "web", "forward"]
+PATHS = ["status", "web", "forward", "proxy", "proxy-tls"]
 NAVIGATIONS = 4
 CURL_FLAGS = {"1.2": ("--tlsv1.2", "--tls-max", "1.2"), "1.3": ("--tlsv1.3",)}
 
@@ -99,8 +100,14 @@ def listeners(
     """The three twistd processes (and the backend), started once for the module, stopped after it."""
     workdir = tmp_path_factory.mktemp("real-clients")
     status_port, stats_port, web_port, forward_port = (free_port() for _ in range(4))
+    proxy_port, proxy_stats, proxy_tls_port, proxy_tls_stats = (free_port() for _ in range(4))
     backend = reactor_thread.call(reactor.listenTCP, 0, Site(BackendPage()), interface="127.0.0.1")
     backend_port = backend.getHost().port
+    tls_backend = reactor_thread.call(
+        reactor.listenSSL, 0, Site(BackendPage()),
+        certificate_options(tls_files.certificate, tls_files.private_key), interface="127.0.0.1",
+    )
+    tls_backend_port = tls_backend.getHost().port
     try:
         with twistd(
             workdir, "sesscache", "--listen", f"tcp:{status_port}:interface=127.0.0.1", "--generate-certificate",
@@ -111,17 +118,30 @@ def listeners(
         ) as web, twistd(
             workdir, "portforward", "-p", description(tls_files, forward_port), "-h", "127.0.0.1",
             "-d", str(backend_port),
-        ) as forward:
+        ) as forward, twistd(
+            workdir, "sesscache", "--listen", f"tcp:{proxy_port}:interface=127.0.0.1", "--generate-certificate",
+            "--stats", f"tcp:{proxy_stats}:interface=127.0.0.1", "--upstream", f"tcp:127.0.0.1:{backend_port}",
+        ) as proxy, twistd(
+            workdir, "sesscache", "--listen", f"tcp:{proxy_tls_port}:interface=127.0.0.1", "--generate-certificate",
+            "--stats", f"tcp:{proxy_tls_stats}:interface=127.0.0.1",
+            "--upstream", f"tcp:127.0.0.1:{tls_backend_port}", "--upstream-tls", "--upstream-hostname", "localhost",
+            "--upstream-ca", str(tls_files.certificate), "--session-cache-mode", "both",
+        ) as proxy_tls:
             status.wait_for(status_port, stats_port)
             web.wait_for(web_port)
             forward.wait_for(forward_port)
+            proxy.wait_for(proxy_port, proxy_stats)
+            proxy_tls.wait_for(proxy_tls_port, proxy_tls_stats)
             yield {
                 "status": Listener("status", status_port, b"Resumed: this connection", stats_hits(stats_port)),
                 "web": Listener("web", web_port, b"connection resumed: yes", None),
                 "forward": Listener("forward", forward_port, None, None),
+                "proxy": Listener("proxy", proxy_port, None, stats_hits(proxy_stats)),
+                "proxy-tls": Listener("proxy-tls", proxy_tls_port, None, stats_hits(proxy_tls_stats)),
             }
     finally:
         reactor_thread.call(backend.stopListening)
+        reactor_thread.call(tls_backend.stopListening)
 
 
 def measured(**figures: Any) -> None:
@@ -229,8 +249,9 @@ def test_s_client_alpn_offers_complete(listeners: dict[str, Listener], path: str
     for tls in TLS_VERSIONS:
         completed, chosen = alpn_handshake(port, offer, tls)
         assert completed, (path, offer, tls)
-        # Site declares http/1.1; the status page and twistd web serve through Site.
-        assert chosen == ("http/1.1" if path != "forward" and "http/1.1" in offer else None)
+        # Site declares http/1.1; the status page and twistd web serve through Site. The proxy
+        # and portforward declare nothing (the proxy's --alpn is not given here).
+        assert chosen == ("http/1.1" if path in ("status", "web") and "http/1.1" in offer else None)
         session = tmp_path / f"session-{tls}.pem"
         extra = ("-alpn", offer)
         first = s_client(port, tls=tls, sess_out=session, extra=extra)
