@@ -125,9 +125,9 @@ class CountingStore(MemoryStore):
         self.latency = latency
         self.gets = 0
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         self.gets += 1
-        answer = super().get(key)
+        answer = super().get(key, timeout)
         if not self.latency:
             return answer
         late: Deferred[bytes | None] = Deferred()

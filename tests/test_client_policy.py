@@ -198,7 +198,7 @@ class Hanging(MemoryStore):
         super().__init__()
         self.waiting: list[Deferred[bytes | None]] = []
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         self.waiting.append(Deferred())
         return self.waiting[-1]
 

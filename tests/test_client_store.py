@@ -64,7 +64,7 @@ def test_a_store_that_does_not_answer_costs_one_full_handshake(
     class Silent(SilentStore):
         """Tickets are taken, not read: the hanging store does not answer ``take`` either."""
 
-        def take(self, key: bytes) -> Deferred[bytes | None]:
+        def take(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
             return Deferred()
 
     cache = SessionCache("client", store=Silent(), store_keys=[KEY], store_timeout=0.05)

@@ -136,7 +136,7 @@ def test_bad_records_never_resume_and_never_crash(
 class SilentStore(MemoryStore):
     """A store whose reads never answer: a Redis that hangs."""
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         return Deferred()
 
 
