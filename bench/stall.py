@@ -184,7 +184,7 @@ def run_scenarios(count: int, workdir: Path) -> Any:
             finally:
                 timings.append((time.perf_counter() - started) * 1000)
 
-        cache.flushing.flush_until = timed_slice  # type: ignore[method-assign]
+        cache.flushing.flush_until = timed_slice
         yield _sleep(reactor, 0.2)
         baseline = probe.take()
         cache.start(reactor)

@@ -73,7 +73,7 @@ class DevTools:
             if message.get("id") == ident:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})  # type: ignore[no-any-return]
+                return message.get("result", {})
             if "method" in message:
                 self.events.append(message)
         raise TimeoutError(f"{method}: no answer within {STEP_TIMEOUT} s")

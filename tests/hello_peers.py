@@ -17,7 +17,8 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface import implementer
 
 from twisted_sesscache.stores.memory import MemoryStore
 
@@ -124,13 +125,13 @@ class CountingStore(MemoryStore):
         self.latency = latency
         self.gets = 0
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         self.gets += 1
-        answer = super().get(key)
+        answer = super().get(key, timeout)
         if not self.latency:
             return answer
         late: Deferred[bytes | None] = Deferred()
-        call = reactor.callLater(self.latency, answer.chainDeferred, late)  # type: ignore[attr-defined]
+        call = reactor.callLater(self.latency, answer.chainDeferred, late)
 
         def cancelled(failure: Any) -> Any:
             # A caller's timeout cancels the lookup: the late answer is dropped.
@@ -141,6 +142,7 @@ class CountingStore(MemoryStore):
         return late.addErrback(cancelled)
 
 
+@implementer(ILogObserver)
 @dataclass
 class FailureLog:
     """Every error event twisted.logger saw while it listened."""

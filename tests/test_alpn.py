@@ -82,7 +82,7 @@ def test_choose_is_the_servers_preference() -> None:
 
 
 def creator_for(files: TLSFiles, alpn: tuple[bytes, ...] = (), **options: Any) -> SessionServerCreator:
-    return SessionServerCreator(SessionCache(), certificate_options(files.certificate, files.private_key, **options), alpn)
+    return SessionServerCreator(SessionCache().server, certificate_options(files.certificate, files.private_key, **options), alpn)
 
 
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])

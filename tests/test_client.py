@@ -7,20 +7,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from OpenSSL import SSL
-from service_identity import VerificationError
-from twisted.internet import endpoints, protocol, reactor
+# The shared runtime's service-identity (Debian's 18.1.0) ships no py.typed.
+from service_identity import VerificationError  # type: ignore[import-untyped]
+from twisted.internet import endpoints, protocol
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, PartialDownloadError, readBody
 
-from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, s_server
+from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, reactor, s_server
 from twisted_sesscache.client import endpoints as client_endpoints
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.certs import certificate_options, generate_self_signed
@@ -47,7 +49,8 @@ class Fetch(protocol.Protocol):
         self.handle: Any = None
 
     def connectionMade(self) -> None:
-        self.handle = self.transport.getHandle()
+        assert self.transport is not None
+        self.handle = cast(TLSMemoryBIOProtocol, self.transport).getHandle()
         self.transport.write(REQUEST)
 
     def dataReceived(self, data: bytes) -> None:
@@ -235,11 +238,12 @@ def test_opaque_creator(reactor_thread: ReactorThread, tls_files: TLSFiles) -> N
     cache = SessionCache("client")
     opaque = Opaque(optionsForClientTLS("localhost", trustRoot=trusting(tls_files)))
     directlyProvides(opaque, IOpenSSLClientConnectionCreator)
+    provider = cast(IOpenSSLClientConnectionCreator, opaque)  # directlyProvides: mypy cannot see it
     with pytest.raises(ValueError, match="hostname="):
-        cache.client.wrap(opaque)
+        cache.client.wrap(provider)
     with pytest.raises(ValueError, match="trust_root="):
-        cache.client.wrap(opaque, hostname="localhost")
-    creator = cache.client.wrap(opaque, hostname="localhost", trust_root=trusting(tls_files))
+        cache.client.wrap(provider, hostname="localhost")
+    creator = cache.client.wrap(provider, hostname="localhost", trust_root=trusting(tls_files))
     with twisted_server(reactor_thread, server_creator(tls_files, "1.2")) as port:
         resumed = series(reactor_thread, creator, port, 3)
     # Its context is first seen with a connection already made from it: that
@@ -358,10 +362,10 @@ class Truncating(protocol.Protocol):
     """Answers, then closes TCP under TLS without close_notify."""
 
     def dataReceived(self, data: bytes) -> None:
-        self.transport.write(
-            b"HTTP/1.0 200 OK\r\n\r\n" + json.dumps({"resumed": self.transport.getHandle().resumed}).encode()
-        )
-        self.transport.transport.loseConnection()
+        tls = cast(TLSMemoryBIOProtocol, self.transport)
+        tls.write(b"HTTP/1.0 200 OK\r\n\r\n" + json.dumps({"resumed": tls.getHandle().resumed}).encode())
+        assert tls.transport is not None
+        tls.transport.loseConnection()
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["keep", "strict"])
@@ -471,11 +475,14 @@ def test_store_bounds() -> None:
     store.put("a", Entry(b"a13-2", True, 100))
     store.put("a", Entry(b"a13-3", True, 100))  # per key: the newest two
     assert len(store) == 2
-    assert store.take("a", 0).der == b"a13-3"  # newest first, and gone
+    newest = store.take("a", 0)
+    assert newest is not None and newest.der == b"a13-3"  # newest first, and gone
     store.put("b", Entry(b"b12-1", False, 100))
     store.put("b", Entry(b"b12-2", False, 100))  # replaces b12-1
     assert len(store) == 2
-    assert store.take("b", 0).der == store.take("b", 0).der == b"b12-2"  # TLS 1.2 stays
+    first, again = store.take("b", 0), store.take("b", 0)
+    assert first is not None and again is not None
+    assert first.der == again.der == b"b12-2"  # TLS 1.2 stays
     store.put("c", Entry(b"c12", False, 50))
     store.put("d", Entry(b"d12", False, 100))  # size 3: the least recently used key ("a") loses
     assert store.take("a", 0) is None and store.evicted == 1

@@ -198,7 +198,7 @@ class Hanging(MemoryStore):
         super().__init__()
         self.waiting: list[Deferred[bytes | None]] = []
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         self.waiting.append(Deferred())
         return self.waiting[-1]
 
@@ -238,6 +238,7 @@ def test_a_ticket_moved_into_the_sessions_place_does_not_open() -> None:
     shared.publish(KEY, session_der(NOW, 60), tls13=True, ttl=60)
     base, _ = shared.store_key(KEY)
     ticket = store.take(base + b":tls1.3").result
+    assert isinstance(ticket, bytes)
     store.set(base + b":tls1.2", ticket, 60)
     assert results(shared.fetch(KEY)) == [None]
     assert shared.counts["store_rejected"] == 1 and shared.counts["store_hits"] == 0

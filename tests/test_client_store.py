@@ -6,21 +6,22 @@ import pytest
 from twisted.internet.defer import Deferred, gatherResults
 
 from tests.support import RedisProcess, ReactorThread, TLSFiles, s_server
-from tests.test_client import fetch, series
+from tests.test_client import Fetch, fetch, series
 from twisted_sesscache.cache import SessionCache
+from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores import store_from_url
 from twisted_sesscache.stores.memory import MemoryStore
 
 KEY = bytes(range(32))
 
 
-def client(rt: ReactorThread, store: object, files: TLSFiles) -> tuple[SessionCache, object]:
+def client(rt: ReactorThread, store: ISessionStore, files: TLSFiles) -> tuple[SessionCache, object]:
     """One 'process': its own cache (empty locally), the shared store and key.
 
     The store timeout is generous so that a loaded test machine measures
     sharing, not Redis latency (the timeout path has its own test).
     """
-    cache = SessionCache("client", store=store, store_keys=[KEY], store_timeout=2.0)  # type: ignore[arg-type]
+    cache = SessionCache("client", store=store, store_keys=[KEY], store_timeout=2.0)
     return cache, cache.client_creator("localhost", trust_root=str(files.certificate))
 
 
@@ -39,7 +40,7 @@ def test_a_fresh_process_resumes_from_the_store(
     stats = reactor_thread.call(second.stats)["client"]
     assert stats["store_hits"] >= 1 and stats["hits"] == 3
     if kind == "redis":
-        reactor_thread.call(store.close)  # type: ignore[attr-defined]
+        reactor_thread.call(store.close)
 
 
 def test_tls13_tickets_from_the_store_are_single_use(reactor_thread: ReactorThread, tls_files: TLSFiles) -> None:
@@ -63,7 +64,7 @@ def test_a_store_that_does_not_answer_costs_one_full_handshake(
     class Silent(SilentStore):
         """Tickets are taken, not read: the hanging store does not answer ``take`` either."""
 
-        def take(self, key: bytes) -> Deferred[bytes | None]:
+        def take(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
             return Deferred()
 
     cache = SessionCache("client", store=Silent(), store_keys=[KEY], store_timeout=0.05)
@@ -84,14 +85,14 @@ def test_records_sealed_for_another_key_are_rejected(reactor_thread: ReactorThre
     assert reactor_thread.call(other.stats)["client"]["store_rejected"] == 1
 
 
-def shared_store(rt: ReactorThread, kind: str, redis: RedisProcess) -> object:
+def shared_store(rt: ReactorThread, kind: str, redis: RedisProcess) -> ISessionStore:
     store = MemoryStore() if kind == "memory" else rt.call(store_from_url, redis.url)
-    rt.call(store.get, b"warm-up")  # type: ignore[attr-defined]
+    rt.call(store.get, b"warm-up")
     return store
 
 
-def close(rt: ReactorThread, store: object) -> None:
-    rt.call(store.close)  # type: ignore[attr-defined]
+def close(rt: ReactorThread, store: ISessionStore) -> None:
+    rt.call(store.close)
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
@@ -106,7 +107,7 @@ def test_two_processes_racing_for_one_ticket_only_one_gets_it(
         (key,) = first.client.sessions._keys  # the one key the ticket was published under
         racers = [client(reactor_thread, store, tls_files)[0] for _ in range(2)]
 
-        def race() -> Deferred[list[object]]:
+        def race() -> Deferred[list[tuple[bytes, bool] | None]]:
             return gatherResults([racer.client.shared.fetch(key) for racer in racers])  # type: ignore[union-attr]
 
         answers = reactor_thread.call(race)
@@ -130,15 +131,15 @@ def test_two_processes_connecting_at_once_offer_one_ticket_once(
         series(reactor_thread, first_creator, port, count=1)
         racers = [client(reactor_thread, store, tls_files) for _ in range(2)]
 
-        def race() -> Deferred[list[object]]:
+        def race() -> Deferred[list[Fetch]]:
             return gatherResults([fetch(creator, port) for _, creator in racers])
 
         results = reactor_thread.call(race)
     stats = [reactor_thread.call(cache.stats)["client"] for cache, _ in racers]
     assert sorted(s["offered"] for s in stats) == [0, 1], stats
     assert sorted(s["store_hits"] for s in stats) == [0, 1], stats
-    assert sorted(r.resumed for r in results) == [False, True]  # type: ignore[attr-defined]
-    assert all(r.resumed == r.server_says_resumed for r in results)  # type: ignore[attr-defined]
+    assert sorted(r.resumed for r in results) == [False, True]
+    assert all(r.resumed == r.server_says_resumed for r in results)
     close(reactor_thread, store)
 
 

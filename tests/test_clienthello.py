@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def fragment_sizes(draw: st.DrawFn, total: int) -> list[int]:
     return [b - a for a, b in zip([0, *cuts], [*cuts, total]) if b > a]
 
 
-def chunk_points(draw: st.DrawFn, length: int) -> list[int]:
+def chunk_points(draw: Callable[[st.SearchStrategy[set[int]]], set[int]], length: int) -> list[int]:
     return sorted(draw(st.sets(st.integers(0, length), max_size=25)))
 
 
@@ -791,7 +792,8 @@ def test_openssl_s_client_resumption_hello(tmp_path: Path, version_flag: str) ->
 
 def fed_outcomes(stream: bytes, cuts: list[int]) -> list[ClientHello | None | type[ClientHelloError]]:
     """A ClientHelloReader's answer after each piece of ``stream`` cut at ``cuts``."""
-    reader, answers, start = ClientHelloReader(), [], 0
+    reader, start = ClientHelloReader(), 0
+    answers: list[ClientHello | None | type[ClientHelloError]] = []
     for cut in cuts:
         try:
             answers.append(reader.feed(stream[start:cut]))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -60,7 +62,7 @@ def test_in_process_listener_resumes(reactor_thread: ReactorThread, tls_files: T
     endpoint = endpoint_for(description(tls_files))
     port = reactor_thread.call(endpoint.listen, Factory.forProtocol(InfoProtocol))
     try:
-        assert resume_series(port.getHost().port, tmp_path, 3, tls=tls) == ["New", "Reused", "Reused"]
+        assert resume_series(cast(IPv4Address, port.getHost()).port, tmp_path, 3, tls=tls) == ["New", "Reused", "Reused"]
     finally:
         reactor_thread.call(port.stopListening)
     assert endpoint.cache is not None and reactor_thread.call(endpoint.cache.stats)["hits"] == 2

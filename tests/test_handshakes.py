@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -16,12 +16,13 @@ from zope.interface import implementer
 
 
 def guarded(timeout: float | None = 10) -> tuple[Any, StringTransport, Any, Clock, list[dict[str, Any]]]:
-    from twisted.logger import Logger
+    from twisted.logger import ILogObserver, Logger
 
     from twisted_sesscache.handshakes import HandshakeFailures, HandshakeGuardFactory
 
-    clock, events = Clock(), []
-    failures = HandshakeFailures(clock, log=Logger(observer=events.append))
+    clock = Clock()
+    events: list[dict[str, Any]] = []
+    failures = HandshakeFailures(clock, log=Logger(observer=cast(ILogObserver, events.append)))
     inner = Factory.forProtocol(Protocol)
     guard = HandshakeGuardFactory(inner, failures, timeout=timeout, clock=clock).buildProtocol(None)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
@@ -73,12 +74,13 @@ def test_guard_counts_and_names_a_failed_handshake() -> None:
 
 
 def test_failure_log_is_rate_limited_with_a_summary() -> None:
-    from twisted.logger import Logger, formatEvent
+    from twisted.logger import ILogObserver, Logger, formatEvent
 
     from twisted_sesscache.failures import RateLimitedLog
 
-    clock, events = Clock(), []
-    log = RateLimitedLog(Logger(observer=events.append), clock, "handshake failures",
+    clock = Clock()
+    events: list[dict[str, Any]] = []
+    log = RateLimitedLog(Logger(observer=cast(ILogObserver, events.append)), clock, "handshake failures",
                          lines_per_second=3, summary_interval=10)
     logged = [log.emit("failure {n}", n=n) for n in range(100)]  # a scan: 100 in one instant
     assert logged.count(True) == 3 and len(events) == 3

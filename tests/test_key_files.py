@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
 from tests.test_tap import files_args, run_twistd
 from tests.support import TLSFiles
@@ -27,12 +28,12 @@ def test_a_new_key_file_is_a_warning_with_its_fingerprint(tmp_path: Path) -> Non
     os.chmod(tmp_path, 0o700)
     path = tmp_path / "sealing.key"
     events: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
     try:
         cache = SessionCache(store=SharedMemoryStore(), store_key_file=str(path))
         again = SessionCache(store=SharedMemoryStore(), store_key_file=str(path))
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
     fingerprint = key_fingerprint(path.read_bytes())
     warnings = [formatEvent(e) for e in events if "sealing key file" in formatEvent(e)]
     assert len(warnings) == 1 and fingerprint in warnings[0] and str(path) in warnings[0], warnings

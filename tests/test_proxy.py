@@ -10,30 +10,32 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from tests.support import ReactorThread, TLSFiles, free_port, resume_series, s_server
+from tests.support import ReactorThread, TLSFiles, free_port, reactor, resume_series, s_server
 from tests.test_tap import Browser, assert_clean_exit, files_args, get, twistd
 from twisted_sesscache import SessionCache
 from twisted_sesscache.certs import certificate_options
 from twisted_sesscache.endpoints import TLSServerEndpoint
-from twisted_sesscache.proxy import ProxyClient, ProxyFactory, ProxyServer, upstream_endpoint
+from twisted_sesscache.proxy import FlowControl, ProxyClient, ProxyFactory, ProxyServer, upstream_endpoint
 
 # -- wiring, with fake transports ------------------------------------------------------
 
 
+@implementer(IStreamClientEndpoint)
 class FakeEndpoint:
     """A client endpoint whose connection attempts the test completes by hand."""
 
@@ -50,7 +52,7 @@ def accepted(**settings: Any) -> tuple[ProxyServer, StringTransport, FakeEndpoin
     """A proxied connection whose TLS handshake has just completed: the upstream attempt starts then."""
     endpoint = FakeEndpoint()
     settings.setdefault("clock", Clock())
-    server = ProxyFactory(endpoint, guard=False, **settings).buildProtocol(None)  # type: ignore[arg-type]
+    server = ProxyFactory(endpoint, guard=False, **settings).buildProtocol(None)
     assert isinstance(server, ProxyServer)
     transport = StringTransport()
     server.makeConnection(transport)
@@ -68,6 +70,11 @@ def connect_upstream(endpoint: FakeEndpoint) -> tuple[ProxyClient, StringTranspo
     return client, transport
 
 
+def flow_control(transport: StringTransport) -> FlowControl:
+    """The producer the proxy registered on ``transport`` (StringTransport leaves that attribute typed as None)."""
+    return cast(FlowControl, transport.producer)
+
+
 def test_reads_nothing_until_upstream_is_connected() -> None:
     """With no room for early data (max_early_data=0), reading waits for the upstream leg."""
     server, transport, endpoint = accepted(max_early_data=0)
@@ -81,11 +88,11 @@ def test_reads_nothing_until_upstream_is_connected() -> None:
 def test_each_leg_is_the_others_producer() -> None:
     server, transport, endpoint = accepted()
     client, upstream = connect_upstream(endpoint)
-    assert transport.producer.transport is upstream and transport.streaming
-    assert upstream.producer.transport is transport and upstream.streaming
-    upstream.producer.pauseProducing()  # the upstream leg's buffer is full
+    assert flow_control(transport).transport is upstream and transport.streaming
+    assert flow_control(upstream).transport is transport and upstream.streaming
+    flow_control(upstream).pauseProducing()  # the upstream leg's buffer is full
     assert transport.producerState == "paused"
-    transport.producer.pauseProducing()  # the accepted leg's buffer is full
+    flow_control(transport).pauseProducing()  # the accepted leg's buffer is full
     assert upstream.producerState == "paused"
 
 
@@ -94,7 +101,7 @@ def test_a_lost_leg_does_not_cut_the_other_under_tls() -> None:
     that must not close TCP under TLS (the client's close_notify would go unread)."""
     server, transport, endpoint = accepted()
     client, upstream = connect_upstream(endpoint)
-    upstream.producer.stopProducing()
+    flow_control(upstream).stopProducing()
     assert transport.producerState == "producing" and not transport.disconnecting
     client.connectionLost()
     assert transport.disconnecting  # closed by the protocol, the orderly way
@@ -119,7 +126,7 @@ def test_upstream_close_closes_the_client_after_unregistering() -> None:
 def test_upstream_close_while_paused_still_reads_the_clients_close_notify() -> None:
     server, transport, endpoint = accepted()
     client, upstream = connect_upstream(endpoint)
-    upstream.producer.pauseProducing()  # upstream was not keeping up
+    flow_control(upstream).pauseProducing()  # upstream was not keeping up
     client.connectionLost()
     assert transport.producerState == "producing" and transport.disconnecting
     server.dataReceived(b"late bytes from the client")
@@ -209,7 +216,7 @@ def test_upstream_reset_under_tls_skips_close_notify_after_the_relayed_bytes() -
             return self.handle
 
     endpoint = FakeEndpoint()
-    server: Any = ProxyFactory(endpoint, guard=False, clock=Clock()).buildProtocol(None)  # type: ignore[arg-type]
+    server: Any = ProxyFactory(endpoint, guard=False, clock=Clock()).buildProtocol(None)
     transport = TLSTransport()
     server.makeConnection(transport)
     server.handshakeCompleted()
@@ -233,7 +240,7 @@ def test_shutdown_waits_for_proxied_connections() -> None:
     factory = ProxyFactory(FakeEndpoint(), guard=False, clock=clock)
     servers = []
     for _ in range(2):
-        server: Any = factory.buildProtocol(None)  # type: ignore[arg-type]
+        server: Any = factory.buildProtocol(None)
         server.makeConnection(StringTransport())
         server.handshakeCompleted()
         servers.append(server)
@@ -251,7 +258,7 @@ def test_shutdown_closes_what_is_left_at_the_deadline_and_drops_handshakes() -> 
     clock = Clock()
     endpoint = FakeEndpoint()
     factory = ProxyFactory(endpoint, clock=clock)
-    guard: Any = factory.buildProtocol(None)  # type: ignore[arg-type]
+    guard: Any = factory.buildProtocol(None)
     handshaking = StringTransport()
     guard.makeConnection(handshaking)
     server, transport, endpoint = accepted(clock=clock)
@@ -271,7 +278,7 @@ def test_shutdown_closes_what_is_left_at_the_deadline_and_drops_handshakes() -> 
                                  {"idle_timeout": -1}, {"max_early_data": -1}, {"shutdown_timeout": 0}])
 def test_bad_settings_name_the_setting(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError) as raised:
-        ProxyFactory(FakeEndpoint(), clock=Clock(), **bad)  # type: ignore[arg-type]
+        ProxyFactory(FakeEndpoint(), clock=Clock(), **bad)
     assert str(raised.value).startswith(next(iter(bad)))
 
 
@@ -320,7 +327,7 @@ class Upstream(Protocol):
         self.http: bool | None = None
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.connections += 1
 
     def dataReceived(self, data: bytes) -> None:
         if self.http is None:
@@ -338,7 +345,7 @@ class Upstream(Protocol):
 
 
 @contextmanager
-def upstream_server(rt: ReactorThread) -> Iterator[tuple[int, Factory]]:
+def upstream_server(rt: ReactorThread) -> Iterator[tuple[int, Factory[Upstream]]]:
     factory = Factory.forProtocol(Upstream)
     factory.connections = 0  # type: ignore[attr-defined]
     port = rt.call(reactor.listenTCP, 0, factory, interface="127.0.0.1")
@@ -397,7 +404,7 @@ def test_flow_control_stops_reading_upstream_while_the_client_does_not_read(
         try:
             trust = Certificate.loadPEM(tls_files.certificate.read_bytes())
             client_endpoint = SSL4ClientEndpoint(
-                reactor, "127.0.0.1", port.getHost().port, optionsForClientTLS("localhost", trustRoot=trust)
+                reactor, "127.0.0.1", cast(IPv4Address, port.getHost()).port, optionsForClientTLS("localhost", trustRoot=trust)
             )
             client = SlowReader(payload)
             rt.call(connectProtocol, client_endpoint, client)
@@ -410,7 +417,7 @@ def test_flow_control_stops_reading_upstream_while_the_client_does_not_read(
             while not rt.call(upstream_leg_paused):
                 assert time.monotonic() < deadline, "the proxy kept reading upstream for a client that does not read"
                 time.sleep(0.05)
-            rt.call(client.transport.resumeProducing)
+            rt.call(cast(IPushProducer, client.transport).resumeProducing)  # the TLS transport
             digest = rt.call(lambda: client.done)
         finally:
             rt.call(port.stopListening)
@@ -448,7 +455,7 @@ def test_in_process_proxy_resumes(reactor_thread: ReactorThread, tls_files: TLSF
         endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), creator)
         port = rt.call(endpoint.listen, ProxyFactory(TCP4ClientEndpoint(reactor, "127.0.0.1", upstream_port)))
         try:
-            assert resume_series(port.getHost().port, tmp_path, 3, tls=tls) == ["New", "Reused", "Reused"]
+            assert resume_series(cast(IPv4Address, port.getHost()).port, tmp_path, 3, tls=tls) == ["New", "Reused", "Reused"]
         finally:
             rt.call(port.stopListening)
     assert rt.call(cache.stats)["hits"] == 2

@@ -17,14 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
 from tests.support import ReactorThread, TLSFiles, free_port
 from tests.test_proxy import Upstream
@@ -47,7 +48,7 @@ def until(condition: Callable[[], bool], timeout: float = 10, what: str = "condi
 @dataclass
 class Backend:
     port: int
-    factory: Factory
+    factory: Factory[Any]
     tls: bool
 
     @property
@@ -100,13 +101,13 @@ def proxy(rt: ReactorThread, files: TLSFiles, upstream: Backend | int, *, trust:
                            handshakes=HandshakeFailures(reactor), clock=reactor)
     creator = certificate_options(files.certificate, files.private_key)
     endpoint = TLSServerEndpoint(listen or TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), creator)
-    globalLogPublisher.addObserver(observe)
+    globalLogPublisher.addObserver(cast(ILogObserver, observe))
     port = rt.call(endpoint.listen, factory)
     try:
-        yield Proxy(port.getHost().port, factory, lines)
+        yield Proxy(cast("IPv4Address | IPv6Address", port.getHost()).port, factory, lines)
     finally:
         rt.call(port.stopListening)
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observe))
 
 
 def tls_client() -> ssl.SSLContext:
@@ -216,11 +217,11 @@ class ResetMidBody(Protocol):
     """Sends headers and part of a body, then resets TCP (SO_LINGER 0): the proxy must not make it look clean."""
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.connections += 1
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: 1000000\r\n\r\n" + BODY_PART)  # type: ignore[union-attr]
-        reactor.callLater(0.3, self.reset)  # type: ignore[attr-defined]
+        reactor.callLater(0.3, self.reset)
 
     def reset(self) -> None:
         tcp: Any = self.transport
@@ -278,14 +279,17 @@ class WhoAmI(Protocol):
     """Answers with the peer and host its transport reports: through haproxy:, the PROXY header's."""
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.connections += 1
 
     def dataReceived(self, data: bytes) -> None:
-        peer, host = self.transport.getPeer(), self.transport.getHost()  # type: ignore[union-attr]
+        assert self.transport is not None
+        # TCP addresses (through haproxy:, the PROXY header's): IPv4Address or IPv6Address.
+        peer = cast("IPv4Address | IPv6Address", self.transport.getPeer())
+        host = cast("IPv4Address | IPv6Address", self.transport.getHost())
         # The v2 parser spells IPv6 addresses in full (0:0:...:1): compare them as addresses.
         seen = f"peer {ip_address(peer.host)} {peer.port} host {ip_address(host.host)} {host.port}"
-        self.transport.write(f"HTTP/1.0 200 OK\r\n\r\n{seen}\n".encode())  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.write(f"HTTP/1.0 200 OK\r\n\r\n{seen}\n".encode())
+        self.transport.loseConnection()
 
 
 @contextmanager
@@ -339,14 +343,14 @@ class Slow(Protocol):
     """An HTTP/1.0 backend that answers ``delay`` seconds after the request, then closes."""
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.connections += 1
         self.buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
         if b"\r\n\r\n" in self.buffer:
-            self.factory.requests += 1  # type: ignore[attr-defined]
-            reactor.callLater(self.factory.delay, self.answer)  # type: ignore[attr-defined]
+            self.factory.requests += 1
+            reactor.callLater(self.factory.delay, self.answer)
 
     def answer(self) -> None:
         if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
@@ -426,7 +430,7 @@ def test_guard_under_the_status_site_keeps_alpn_and_tls_and_counts_failures(
                                                                                   tls_files.private_key)))
     port = rt.call(endpoint.listen, site)
     try:
-        number = port.getHost().port
+        number = cast(IPv4Address, port.getHost()).port
         context = tls_client()
         context.set_alpn_protocols(["h2", "http/1.1"])
         with socket.create_connection(("127.0.0.1", number), timeout=10) as raw, \

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -100,7 +101,8 @@ def test_every_twistd_option_is_in_the_option_reference() -> None:
     from twisted_sesscache.tap import Options
 
     options = Options()
-    names = {row[0] for row in options.optParameters} | {row[0] for row in options.optFlags}
+    # Each row starts with the option's long name, a str (Options' rows are typed as mixed lists).
+    names = {cast(str, row[0]) for row in options.optParameters} | {cast(str, row[0]) for row in options.optFlags}
     names |= {name[4:].replace("_", "-") for name in dir(options) if name.startswith("opt_")} - {"help"}
     reference = (REPO / "docs" / "options.md").read_text()
     assert sorted(name for name in names if f"--{name}" not in reference) == []

@@ -24,15 +24,15 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import pytest
-from twisted.internet import reactor
+from twisted.internet.interfaces import ISystemHandle
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tests.browser import CHROMIUM, chromium
-from tests.support import PEER_TIMEOUT, ReactorThread, TLSFiles, free_port, s_client
+from tests.support import PEER_TIMEOUT, ReactorThread, TLSFiles, free_port, reactor, s_client
 from tests.test_alpn import alpn_handshake
 from tests.test_endpoints import description
 from tests.test_tap import twistd
@@ -51,7 +51,7 @@ class ConnectionPage(Resource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:
-        handle = request.channel.transport.getHandle()
+        handle = cast(ISystemHandle, request.channel.transport).getHandle()
         resumed = bool(getattr(handle, "resumed", False))
         request.channel.persistent = False
         request.setHeader(b"connection", b"close")
@@ -208,7 +208,9 @@ def test_chromium_later_navigation_resumes(listeners: dict[str, Listener], path:
 # -- Python ssl ----------------------------------------------------------------------------------------
 
 
-def python_get(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession | None, bytes]:
+def python_get(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bool | None, ssl.SSLSession | None, bytes]:
     """One request over a new connection offering ``session``: (resumed, the session to offer next, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:

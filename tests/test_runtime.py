@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_describe_names_runtime_and_version() -> None:
 
 @pytest.mark.bundled_only("the shared-OpenSSL runtime can do all of these")
 @pytest.mark.parametrize("kwargs", [{"size": 10}, {"flush_interval": 5}])
-def test_bundled_refuses_settings_it_cannot_honour(kwargs: dict[str, int]) -> None:
+def test_bundled_refuses_settings_it_cannot_honour(kwargs: dict[str, Any]) -> None:
     with pytest.raises(NeedsSharedOpenSSL, match="shared-OpenSSL runtime.*python3-openssl"):
         SessionCache(**kwargs)
 

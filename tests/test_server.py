@@ -7,7 +7,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import protocol
@@ -15,6 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from tests.support import ReactorThread, TLSFiles, resume_series, s_client, tls_server
 from twisted_sesscache import RUNTIME, CacheMode, SessionCache
@@ -144,17 +146,23 @@ def test_flush_loop_runs_on_the_given_clock() -> None:
 class SessionGrabber(protocol.Protocol):
     """Keeps the server-side session of each connection, for add/remove."""
 
-    sessions: list[Any]
-
     def dataReceived(self, data: bytes) -> None:
-        self.factory.sessions.append(self.transport.getHandle().get_session())
+        assert self.transport is not None
+        self.factory.sessions.append(cast(TLSMemoryBIOProtocol, self.transport).getHandle().get_session())
         self.transport.write(b"HTTP/1.0 200 OK\r\n\r\nok\n")
         self.transport.loseConnection()
 
 
-def grabbing_factory() -> protocol.Factory:
-    factory = protocol.Factory.forProtocol(SessionGrabber)
-    factory.sessions = []  # type: ignore[attr-defined]
+class GrabbingFactory(protocol.Factory[SessionGrabber]):
+    """Builds SessionGrabbers; holds the sessions they keep."""
+
+    sessions: list[Any]
+
+
+def grabbing_factory() -> GrabbingFactory:
+    factory = GrabbingFactory()
+    factory.protocol = SessionGrabber
+    factory.sessions = []
     return factory
 
 
@@ -247,17 +255,25 @@ class LossRecorder(protocol.Protocol):
     """Answers, leaves the connection open, and records how it ended."""
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(b"pong")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.factory.reasons.append(reason.type)
         if not self.factory.lost.called:
             self.factory.lost.callback(None)
 
 
+class LossFactory(protocol.Factory[LossRecorder]):
+    """Builds LossRecorders; holds how their connections ended, and fires ``lost`` at each end."""
+
+    reasons: list[type[BaseException] | None]
+    lost: Deferred[None]
+
+
 def abrupt_client(
     context: ssl.SSLContext, port: int, session: ssl.SSLSession | None
-) -> tuple[bool, ssl.SSLSession]:
+) -> tuple[bool | None, ssl.SSLSession | None]:
     """A TLS 1.2 client that closes TCP without close_notify, like many real ones."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     tls = context.wrap_socket(raw, session=session)
@@ -274,8 +290,9 @@ def test_abrupt_close_keeps_session_and_reports_truncation(
     reactor_thread: ReactorThread, tls_files: TLSFiles, keep: bool
 ) -> None:
     cache = SessionCache(keep_sessions_on_truncation=keep)
-    factory = protocol.Factory.forProtocol(LossRecorder)
-    factory.reasons = []  # type: ignore[attr-defined]
+    factory = LossFactory()
+    factory.protocol = LossRecorder
+    factory.reasons = []
     with serve(reactor_thread, cache, tls_files, factory) as port:
         resumed = []
         session = None
@@ -284,15 +301,15 @@ def test_abrupt_close_keeps_session_and_reports_truncation(
         context.verify_mode = ssl.CERT_NONE
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         for _ in range(3):
-            factory.lost = Deferred()  # type: ignore[attr-defined]
+            factory.lost = Deferred()
             reused, session = abrupt_client(context, port, session)
             resumed.append(reused)
-            reactor_thread.call(lambda: factory.lost)  # type: ignore[attr-defined]
+            reactor_thread.call(lambda: factory.lost)
             gc.collect()  # SSL_free must not evict the session either
     assert resumed == ([False, True, True] if keep else [False, False, False])
     # Either way, the application learns that the peer did not close cleanly.
-    assert factory.reasons == [ConnectionLost] * 3  # type: ignore[attr-defined]
-    assert ConnectionDone not in factory.reasons  # type: ignore[attr-defined]
+    assert factory.reasons == [ConnectionLost] * 3
+    assert ConnectionDone not in factory.reasons
 
 
 def test_one_cache_many_contexts(reactor_thread: ReactorThread, tls_files: TLSFiles, other_tls_files: TLSFiles, tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.task import LoopingCall
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from tests.support import REDIS_SERVER, ReactorThread, RedisProcess, free_port, wait_for_port
 from twisted_sesscache.stores.redis import RedisStore
@@ -68,11 +68,11 @@ class Traffic:
 @contextmanager
 def captured() -> Iterator[list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
     try:
         yield events
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
 
 
 @dataclass

@@ -67,7 +67,9 @@ def test_store_urls() -> None:
 
 # The Redis store: URLs, coalesced deletes, honest counters (a real redis-server where one is needed).
 
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, cast  # noqa: E402
 
 from twisted.internet.defer import Deferred  # noqa: E402
 
@@ -98,8 +100,8 @@ def test_redis_urls() -> None:
             parse_redis_url(bad)
 
 
-def _both(reactor_thread: ReactorThread, deferred_function: object, *args: object) -> object:
-    return reactor_thread.call(deferred_function, *args)  # type: ignore[arg-type]
+def _both(reactor_thread: ReactorThread, deferred_function: Callable[..., Any], *args: Any) -> Any:
+    return reactor_thread.call(deferred_function, *args)
 
 
 def test_redis_store_basics_and_coalesced_deletes(reactor_thread: ReactorThread, redis: RedisProcess) -> None:
@@ -116,7 +118,7 @@ def test_redis_store_basics_and_coalesced_deletes(reactor_thread: ReactorThread,
             reactor_thread.call(store.set, b"d%d" % i, b"v", 60)
         redis.command("CONFIG", "RESETSTAT")
 
-        def delete_all() -> Deferred[object]:
+        def delete_all() -> Deferred[list[None]]:
             from twisted.internet.defer import gatherResults
 
             return gatherResults([store.delete(b"d%d" % i) for i in range(2000)])
@@ -133,17 +135,17 @@ def test_redis_store_basics_and_coalesced_deletes(reactor_thread: ReactorThread,
 
 
 def test_redis_store_refusals_counted_and_logged_once(reactor_thread: ReactorThread, redis: RedisProcess) -> None:
-    from twisted.logger import globalLogPublisher
+    from twisted.logger import ILogObserver, globalLogPublisher
 
     from twisted_sesscache.stores.redis import RedisStore
 
     events: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
     store = reactor_thread.call(RedisStore.from_url, redis.url, max_pending=10)
     try:
         reactor_thread.call(store.set, b"a", b"1", 60)
 
-        def burst() -> Deferred[object]:
+        def burst() -> Deferred[list[tuple[bool, bytes | None]]]:
             from twisted.internet.defer import DeferredList
 
             return DeferredList([store.get(b"a") for _ in range(300)], consumeErrors=True)
@@ -153,7 +155,7 @@ def test_redis_store_refusals_counted_and_logged_once(reactor_thread: ReactorThr
         assert reactor_thread.call(store.stats)["store_refused"] == 290
     finally:
         reactor_thread.call(store.close)
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
     refusals = [e for e in events if "refused" in str(e.get("log_format", ""))]
     assert len(refusals) == 1 and refusals[0]["count"] == 1  # the first refusal is logged, the rest only counted
 
@@ -168,7 +170,7 @@ def test_redis_caller_timeout_counted_from_send_and_not_capped(reactor_thread: R
     try:
         reactor_thread.call(store.set, b"slow", b"v", 60)
 
-        def stall_then_get() -> Deferred[object]:
+        def stall_then_get() -> Deferred[bytes | None]:
             from twisted.internet import reactor
 
             conn = store._link.connection()
@@ -214,7 +216,7 @@ def _tls_redis(directory: Path) -> tuple[RedisProcess, Path]:
 
 def test_rediss_verifies_the_server(reactor_thread: ReactorThread, tmp_path: Path) -> None:
     """The right CA: works (by IP and by an sni name); another CA: counted and logged, no crash."""
-    from twisted.logger import globalLogPublisher
+    from twisted.logger import ILogObserver, globalLogPublisher
 
     from twisted_sesscache.stores import store_from_url
     from twisted_sesscache.stores.redis import RedisStore
@@ -226,7 +228,7 @@ def test_rediss_verifies_the_server(reactor_thread: ReactorThread, tmp_path: Pat
     base = f"rediss://127.0.0.1:{server.port}/0"
     stores = [reactor_thread.call(store_from_url, base, ca=str(ca)),
               reactor_thread.call(RedisStore.from_url, f"{base}?ca={ca}&sni=redis.test")]
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
     wrong = reactor_thread.call(RedisStore.from_url, f"{base}?ca={other_ca}")
     try:
         for store in stores:
@@ -244,7 +246,7 @@ def test_rediss_verifies_the_server(reactor_thread: ReactorThread, tmp_path: Pat
     finally:
         for store in [*stores, wrong]:
             reactor_thread.call(store.close)
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
         server.stop()
     warnings = [e for e in events if "unavailable" in str(e.get("log_format", ""))]
     assert len(warnings) == 1 and "certificate verify failed" in str(warnings[0]["error"])
@@ -265,7 +267,7 @@ def test_redis_burst_of_300_lookups_pipelined(reactor_thread: ReactorThread, red
     store = reactor_thread.call(RedisStore.from_url, redis.url)
 
     def burst(budget: float) -> tuple[int, set[str]]:
-        results = reactor_thread.call(
+        results: list[tuple[bool, Any]] = reactor_thread.call(  # a Failure where not ok
             lambda: DeferredList([store.get(b"b%d" % i, timeout=budget) for i in range(300)], consumeErrors=True))
         failures = {f"{type(value.value).__name__}: {value.value}" for ok, value in results if not ok}
         return sum(1 for ok, value in results if ok and value == b"x" * 200), failures

@@ -109,7 +109,7 @@ def assert_usage_error(done: subprocess.CompletedProcess[str], option: str) -> N
 
 def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read()  # type: ignore[no-any-return]
+        return response.read()
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -91,7 +91,7 @@ class RefusingEndpoint:
 
 
 def test_raise_synchronously_makes_start_up_fail() -> None:
-    plain = StreamServerEndpointService(RefusingEndpoint(), Factory())  # type: ignore[arg-type]
+    plain = StreamServerEndpointService(RefusingEndpoint(), Factory())
     logged: list[Any] = []
     from twisted.python import log
 
@@ -102,7 +102,7 @@ def test_raise_synchronously_makes_start_up_fail() -> None:
         log.removeObserver(logged.append)
     assert any(event.get("isError") for event in logged)
 
-    strict = StreamServerEndpointService(RefusingEndpoint(), Factory())  # type: ignore[arg-type]
+    strict = StreamServerEndpointService(RefusingEndpoint(), Factory())
     assert compat.raise_synchronously(strict) is strict
     with pytest.raises(CannotListenError):
         strict.privilegedStartService()
