@@ -91,7 +91,7 @@ class Sealer:
         cipher = self._ciphers[self._sealing_id]
         return header + nonce + cipher.encrypt(nonce, plaintext, _aad(header, kind, context))
 
-    def open(self, record: bytes, *, kind: bytes, context: bytes) -> bytes:
+    def open(self, record: bytes | bytearray | memoryview, *, kind: bytes, context: bytes) -> bytes:
         """Return the plaintext, or raise SealError: callers treat any bad record as a cache miss."""
         if not isinstance(record, (bytes, bytearray, memoryview)):
             raise SealError("record is not bytes")

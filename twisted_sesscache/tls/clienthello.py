@@ -123,7 +123,7 @@ class _Reader:
         return end
 
 
-def parse_client_hello(data: bytes) -> ClientHello | None:
+def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | None:
     """Parse the start of a TLS connection as seen by the server.
 
     ``data`` is everything received so far, from the first byte. Returns
