@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -79,3 +82,49 @@ def test_tickets_survive_a_key_rotation_across_processes(
         assert s_client(ports[0][0], sess_out=session) == "New"
         time.sleep(1.6)  # the next epoch's key takes over (each refresh runs every rotation/4)
         assert s_client(ports[1][0], sess_in=session) == "Reused"
+
+
+BURST = 300
+
+
+def _tls12_client() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # session IDs: every resumption is a store lookup
+    context.options |= ssl.OP_NO_TICKET
+    return context
+
+
+def _visit(context: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw, session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            while tls.recv(65536):
+                pass
+            return tls.session_reused, tls.session  # type: ignore[return-value]
+
+
+def test_a_burst_of_cross_process_resumptions(tmp_path: Path, tls_files: TLSFiles, redis: RedisProcess) -> None:
+    """300 sessions made on one process, offered to another all at once, with the default 50 ms budget."""
+    context = _tls12_client()
+    with fleet(tmp_path, tls_files, redis, "--strict-truncation", count=2) as ports:
+        sessions = [_visit(context, ports[0][0])[1] for _ in range(BURST)]
+        time.sleep(0.5)  # the writes are never waited on: let them land
+        start = threading.Barrier(BURST)
+        results: list[bool] = []
+
+        def resume(session: ssl.SSLSession) -> None:
+            start.wait(timeout=60)
+            results.append(_visit(context, ports[1][0], session)[0])
+
+        threads = [threading.Thread(target=resume, args=(session,)) for session in sessions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        counters = stats(ports[1][1])
+    resumed = sum(results)
+    print(f"MEASURED burst: {resumed} of {BURST} resumed on the other process; store counters {counters}")
+    assert len(results) == BURST
+    assert resumed >= 0.95 * BURST, (resumed, counters)

@@ -29,6 +29,8 @@ DEFAULT_TIMEOUT = 1.0
 DELETE_BATCH = 1000
 # At most one line per this many seconds about calls refused at the cap.
 REFUSAL_LOG_INTERVAL = 5.0
+# The longest a request waits, in all, while Redis answers but this process is too busy to read it.
+BUSY_CAP = 1.0
 COUNTERS = ("store_errors", "store_request_timeouts", "store_refused")
 
 
@@ -168,9 +170,9 @@ class RedisStore:
         self._pending += 1
 
         def send(connection: Any) -> Deferred[Any]:
-            return _deadline(connection.execute_command(*command), budget, self._reactor)
+            return _deadline(connection.execute_command(*command), budget, self._reactor, self._link)
 
-        result = _deadline(self._link.connection(), budget, self._reactor).addCallback(send)
+        result = _deadline(self._link.connection(), budget, self._reactor, self._link).addCallback(send)
         return result.addBoth(self._finished)
 
     def _finished(self, result: Any) -> Any:
@@ -203,28 +205,44 @@ class RedisStore:
         return fail(StoreUnavailable(f"{self._pending} Redis calls already waiting"))
 
 
-def _deadline(deferred: Deferred[Any], seconds: float, clock: Any) -> Deferred[Any]:
-    """``deferred``, failed with TimeoutError after ``seconds`` and one more reactor turn.
+def _deadline(deferred: Deferred[Any], seconds: float, clock: Any, link: RedisLink) -> Deferred[Any]:
+    """``deferred``, failed with TimeoutError once Redis, not this process, has taken ``seconds``.
 
-    The extra turn lets a reply that is already in the socket, behind a busy
-    reactor, be read before the deadline is judged.
+    When the budget runs out, the request is failed only if Redis has been
+    silent: if it answered anything since the request was issued, has bytes
+    waiting in a socket, or the reactor itself ran late (busy with a burst of
+    handshakes, so the request may not even be written yet), the budget is
+    given again, up to ``BUSY_CAP`` in all. A stalled Redis costs ``seconds``
+    (and one reactor turn); a burst on a busy reactor is not cut short.
     """
-    expired = []
+    issued = clock.seconds()
+    state: dict[str, Any] = {"expired": False, "timer": None}
 
-    def expire() -> None:
-        if not deferred.called:
-            expired.append(True)
-            deferred.cancel()
+    def arm() -> None:
+        due = clock.seconds() + seconds
+        # One more reactor turn after the budget: a reply already in the socket is read first.
+        state["timer"] = clock.callLater(seconds, lambda: clock.callLater(0, judge, due))
 
-    timer = clock.callLater(seconds, lambda: clock.callLater(0, expire))
+    def judge(due: float) -> None:
+        if deferred.called:
+            return
+        now = clock.seconds()
+        busy = now - due > seconds / 2 or link.answering(issued)
+        if busy and now - issued < BUSY_CAP:
+            arm()
+            return
+        state["expired"] = True
+        deferred.cancel()
 
     def settle(result: Any) -> Any:
-        if timer.active():
+        timer = state["timer"]
+        if timer is not None and timer.active():
             timer.cancel()
-        if expired and isinstance(result, Failure) and result.check(CancelledError):
+        if state["expired"] and isinstance(result, Failure) and result.check(CancelledError):
             return Failure(TimeoutError(f"no answer from Redis within {seconds:g} s"))
         return result
 
+    arm()
     return deferred.addBoth(settle)
 
 

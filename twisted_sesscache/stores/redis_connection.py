@@ -13,6 +13,8 @@ that it is back.
 
 from __future__ import annotations
 
+import select
+
 from typing import Any
 
 import txredisapi
@@ -39,6 +41,11 @@ class _SetupProtocol(txredisapi.RedisProtocol):
 
     factory: Any
     _told = False  # why this connection never became usable has been told to the link
+
+    def dataReceived(self, data: bytes, *rest: Any) -> None:  # txredisapi passes more on its own calls
+        if self._ready:  # a logged-in connection: what a refused login says is no sign of life
+            self.factory.link.last_reply = self.factory.link.clock.seconds()
+        super().dataReceived(data, *rest)
 
     def connectionMade(self) -> None:
         setup = self._setup()
@@ -151,6 +158,7 @@ class RedisLink:
         self.setup_timeout = max(2.0, timeout)
         self.dead_after = max(3.0, 2 * timeout)
         self.longest_budget = timeout  # the longest timeout a caller asked for: connections live that long
+        self.last_reply = 0.0  # when bytes last came from Redis: it answers, however busy we are
         self.closing = False
         self.state = "starting"  # then "up" or "down"
         self.reconnects = 0
@@ -184,6 +192,17 @@ class RedisLink:
     @property
     def down(self) -> bool:
         return self.state == "down"
+
+    def answering(self, since: float) -> bool:
+        """Whether Redis has sent anything since ``since``, or has bytes waiting that we have not read yet."""
+        if self.last_reply >= since:
+            return True
+        usable = [conn for conn in list(getattr(self._factory, "pool", ())) if getattr(conn, "_ready", False)]
+        sockets = [fd for fd in map(_fileno, usable) if fd is not None]
+        try:
+            return bool(sockets) and bool(select.select(sockets, [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def connection(self) -> Deferred[Any]:
         """A usable connection (requests are pipelined on it), or a wait until one is."""
@@ -292,6 +311,8 @@ class RedisLink:
         self._deciding = False
         if self._unanswered_since is None or self.closing:
             return
+        if self.answering(self._unanswered_since):
+            return  # Redis answers: this process was too busy to read the PING's reply yet
         silent = self.clock.seconds() - self._unanswered_since
         if self._factory.size:
             self._last_error = f"no answer to PING within {self.probe_timeout:g} s"
@@ -338,5 +359,19 @@ def _describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:300]
 
+
+
+def _fileno(protocol: Any) -> int | None:
+    """The socket under a connection's transport (below TLS for rediss://), or None."""
+    transport = getattr(protocol, "transport", None)
+    for _ in range(3):
+        fileno = getattr(transport, "fileno", None)
+        if callable(fileno):
+            try:
+                return int(fileno())
+            except (OSError, ValueError):
+                return None
+        transport = getattr(transport, "transport", None)
+    return None
 
 __all__ = ["NotPrimary", "RedisLink"]
