@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT: what "no size given" means to OpenSSL
 DEFAULT_TIMEOUT = 300  # seconds a session lives, server and client side
-STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "rediss+sentinel")
+STORE_SCHEMES = ("memory", "lmdb", "redis", "rediss", "redis+sentinel", "rediss+sentinel")
 Spelling = Callable[[str], str]
 
 
@@ -189,7 +189,9 @@ def _check_seconds(setting: str, value: object, *, positive: bool) -> None:
 def _check_store_url(url: str) -> None:
     scheme = "memory" if url == "memory" else urlsplit(url).scheme.lower()
     if scheme not in STORE_SCHEMES:
-        raise ConfigurationError("store", f"unknown store {url!r}: expected 'memory' or redis://host:port/db")
+        raise ConfigurationError(
+            "store", f"unknown store {url!r}: expected 'memory', lmdb:DIRECTORY or redis://host:port/db"
+        )
 
 
 # -- parsing user strings -----------------------------------------------------------------
@@ -275,8 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_sessions_on_truncation", "strict-truncation", "keepSessionsOnTruncation", yes_no,
             "Whether clients closing without close_notify keep their sessions (still reported as unclean)."),
     Setting("store", "store", "store", _text,
-            "Share sessions through a store: memory, or redis://[user:password@]host:port/db "
-            "(rediss:// for TLS to Redis). Server-side sharing needs the shared-OpenSSL runtime."),
+            "Share sessions through a store: memory, lmdb:DIRECTORY (the processes of one host), or "
+            "redis://[user:password@]host:port/db (rediss:// for TLS to Redis). Server-side sharing needs the shared-OpenSSL runtime."),
     Setting("store_key_file", "store-key-file", "storeKeyFile", _text,
             "File with the 32-byte key that seals what goes to the store; created with mode 0600 when "
             "absent. Every process sharing the store needs the same file."),
