@@ -61,9 +61,8 @@ class SessionCache:
             config = CacheConfig(mode=mode, store=store, store_keys=keys, **settings)  # type: ignore[arg-type]
         elif settings or store is not None or store_keys is not None:
             raise TypeError("pass either config= or settings, not both")
-        self.config = config
         self.runtime = runtime or openssl_runtime()
-        config.check_runtime(self.runtime)
+        self.config = config = config.for_runtime(self.runtime)
         self._clock = clock
         self.clock: IReactorTime = LateClock(self._resolve_clock)
         self.sharing = Sharing(config, self.runtime, self.clock) if config.store is not None else None
@@ -101,7 +100,7 @@ class SessionCache:
 
     @property
     def flush_interval(self) -> float:
-        return self.config.flush_interval
+        return self.config.flush_interval or 0.0
 
     @property
     def session_id_context(self) -> bytes | None:

@@ -171,8 +171,7 @@ class Options(usage.Options):
         }
         given["tickets"] = self["tickets"]
         given["keep_sessions_on_truncation"] = self["keep-sessions-on-truncation"]
-        config = CacheConfig.from_strings(given)
-        config.check_runtime(openssl_runtime())
+        config = CacheConfig.from_strings(given).for_runtime(openssl_runtime())
         if config.store_key_file is not None:
             check_key_file(config.store_key_file, setting="store_key_file")
         return config
