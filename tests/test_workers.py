@@ -113,6 +113,17 @@ def test_two_workers_resume_each_others_sessions(tmp_path: Path, tls_files: TLSF
           f"resumed from the store (the other worker's sessions) {summary['cb_hits']} of {summary['hits']}")
 
 
+@shared_only
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_shared_ticket_keys_through_lmdb(tmp_path: Path, tls_files: TLSFiles, tls: str) -> None:
+    with pool(tmp_path, tls_files, "--tickets", "shared") as (port, stats_port, _):
+        time.sleep(0.3)  # each worker fetches the epoch's key at start
+        resumed = pairs(port, tmp_path, tls, 10)
+        summary = stats(stats_port)
+    assert resumed >= 9, resumed
+    assert summary["store_hits"] == 0, "tickets, not stored sessions, resumed"
+
+
 def test_metrics_are_served_once_for_all_workers(tmp_path: Path, tls_files: TLSFiles) -> None:
     with pool(tmp_path, tls_files) as (port, stats_port, _):
         for _ in range(4):
