@@ -33,7 +33,7 @@ from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.config import option_spelling
 from twisted_sesscache.exceptions import ConfigurationError
 from twisted_sesscache.proxy import ProxyShutdownService
-from twisted_sesscache.server.certificates import server_certificate
+from twisted_sesscache.server.certificates import server_certificate, server_certificates
 from twisted_sesscache.server.creator import SessionServerCreator
 from twisted_sesscache.service import SessionCacheService
 from twisted_sesscache.tap import Options, application_factory, make_cache
@@ -52,8 +52,21 @@ class ReloadableCreator:
 
 
 def fingerprint(certificate_options: Any) -> str:
-    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate_options.certificate)
+    """Of the (default) certificate: one CertificateOptions, or the first of several chosen by SNI."""
+    certificate = getattr(certificate_options, "certificate", None)
+    if certificate is None:
+        certificate = certificate_options.keys[0].chain[0]
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
     return hashlib.sha256(der).hexdigest()[:16]
+
+
+def load_certificates(options: Options) -> Any:
+    """The certificate options read again from the files named, as option parsing read them."""
+    tickets, passphrase = bool(options["config"].tickets), options["private-key-passphrase-file"]
+    paths = options["certificates"] or [options["certificate"]]
+    if len(paths) > 1:
+        return server_certificates(paths, tickets=tickets, passphrase_file=passphrase)
+    return server_certificate(paths[0], options["private-key"], tickets=tickets, passphrase_file=passphrase)
 
 
 class Worker:
@@ -68,7 +81,7 @@ class Worker:
         self.cache: SessionCache = make_cache(options)
         self.services = service.MultiService()
         SessionCacheService(self.cache).setServiceParent(self.services)
-        self.creator = ReloadableCreator(self.cache.server_context_factory(options["certificateOptions"]))
+        self.creator = ReloadableCreator(self._creator(options["certificateOptions"]))
         self.certificate = fingerprint(options["certificateOptions"])
         application = application_factory(options, self.cache, reactor)
         if options["upstream"]:
@@ -76,6 +89,9 @@ class Worker:
         self.factory = TLSMemoryBIOFactory(self.creator, False, application)
         self.port: Any = None
         self.draining = False
+
+    def _creator(self, certificate_options: Any) -> SessionServerCreator:
+        return self.cache.server_context_factory(certificate_options, self.options["alpnProtocols"])
 
     def start(self) -> None:
         self.services.startService()
@@ -96,14 +112,12 @@ class Worker:
 
     def reload(self) -> dict[str, Any]:
         """Certificate and key read again from their files; on any error the old ones stay."""
-        options = self.options
         try:
-            fresh = server_certificate(options["certificate"], options["private-key"],
-                                       tickets=bool(options["config"].tickets))
+            fresh = load_certificates(self.options)
         except ConfigurationError as error:
             self.log.error("Reload failed, the old certificate stays: {error}", error=error.spelled(option_spelling))
             return {"reloaded": False, "error": error.spelled(option_spelling)}
-        self.creator.current = self.cache.server_context_factory(fresh)
+        self.creator.current = self._creator(fresh)
         self.certificate = fingerprint(fresh)
         return {"reloaded": True, "certificate": self.certificate}
 

@@ -31,7 +31,7 @@ from twisted_sesscache.workers import WorkerPool, make_private_directory, runtim
 from twisted_sesscache.workerstats import pool_stats_site
 
 # Parent-only options: never passed on to a worker.
-PARENT_ONLY = frozenset(("workers", "stats", "generate-certificate"))
+PARENT_ONLY = frozenset(("workers", "stats", "generate-certificate", "certificate"))
 TICKET_FLAGS = {Tickets.OFF: "--no-tickets", Tickets.OWN: "--tickets", Tickets.SHARED: "--tickets=shared"}
 
 
@@ -69,7 +69,9 @@ def write_certificate(options: Any, directory: str) -> tuple[str, str]:
 
 def worker_arguments(options: Any, overrides: dict[str, str]) -> list[str]:
     """The parsed options as ``twistd sesscache`` options again, minus the parent's own."""
-    arguments = []
+    certificates = [overrides["certificate"]] if "certificate" in overrides else (
+        options["certificates"] or [options["certificate"]])
+    arguments = [f"--certificate={path}" for path in certificates]
     for name, _short, _default, _help in type(options).optParameters:
         value = overrides.get(name, options[name])
         if name not in PARENT_ONLY and value is not None:
