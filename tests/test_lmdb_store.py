@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lmdb
+import lmdb  # type: ignore[import-untyped]
 import pytest
 
 from tests.support import ReactorThread, TLSFiles, free_port, s_client, s_server
@@ -114,7 +114,7 @@ def test_records_outlive_the_process_and_the_count_is_shared(tmp_path: Path) -> 
     store.close()
     reopened = store_from_url(f"lmdb:{tmp_path / 's'}", size=10)
     assert value(reopened.get(b"k")) == b"v"
-    reopened.close()  # type: ignore[attr-defined]
+    reopened.close()
 
 
 TAKER = """

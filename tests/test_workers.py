@@ -41,7 +41,8 @@ def pool(tmp: Path, files: TLSFiles, *extra: str, workers: str = "2") -> Iterato
 
 
 def stats(port: int) -> dict[str, Any]:
-    return json.loads(get(f"http://127.0.0.1:{port}/stats.json"))  # type: ignore[no-any-return]
+    found: dict[str, Any] = json.loads(get(f"http://127.0.0.1:{port}/stats.json"))
+    return found
 
 
 def wait_until(condition: Any, process: Twistd, timeout: float = 30) -> None:

@@ -67,7 +67,7 @@ class SessionCache:
         self.clock: IReactorTime = LateClock(self._resolve_clock)
         self.sharing = Sharing(config, self.runtime, self.clock) if config.store is not None else None
         self.server = ServerContexts(config, self.runtime, self.sharing)
-        self.flushing = FlushSchedule(self.server, self.runtime, self.clock, config.flush_interval, self._also_flush)
+        self.flushing = FlushSchedule(self.server, self.runtime, self.clock, config.flush_interval or 0.0, self._also_flush)
         self._client: ClientSessionCache | None = None
         self._reports: list[Callable[[], Mapping[str, int]]] = []
         self._started = False

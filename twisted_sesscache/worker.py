@@ -23,11 +23,11 @@ from OpenSSL import crypto
 from twisted.application import service
 from twisted.internet import stdio
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.logger import Logger, eventAsText, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from twisted_sesscache.cache import SessionCache
 from twisted_sesscache.config import option_spelling
@@ -100,7 +100,7 @@ class Worker:
         probe.close()
         self.port = self.reactor.adoptStreamPort(LISTEN_FD, family, self.factory)
         os.close(LISTEN_FD)  # the reactor has its own copy
-        stdio.StandardIO(Commands(self), stdin=0, stdout=ANSWER_FD, reactor=self.reactor)
+        stdio.StandardIO(Commands(self), stdin=0, stdout=ANSWER_FD, reactor=self.reactor)  # type: ignore[call-arg]
         self.log.info("Worker {index} (pid {pid}) accepting, certificate {certificate}",
                       index=self.index, pid=os.getpid(), certificate=self.certificate)
 
@@ -167,6 +167,7 @@ class Commands(LineOnlyReceiver):
         self.worker.drain()
 
 
+@provider(ILogObserver)
 def _log_to_stdout(event: dict[str, Any]) -> None:
     text = eventAsText(event, includeTimestamp=False, includeSystem=False)
     sys.stdout.write(text + "\n")
@@ -174,8 +175,9 @@ def _log_to_stdout(event: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    reactor: Any = installed
     argv = sys.argv[1:] if argv is None else argv
     if not argv or not argv[0].isdigit():
         print("usage: python -m twisted_sesscache.worker INDEX [twistd sesscache options]", file=sys.stderr)
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.drain))
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(worker.reload))
     reactor.callWhenRunning(worker.start)
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)
     return 0
 
 

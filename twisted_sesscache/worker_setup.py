@@ -67,7 +67,7 @@ def write_certificate(options: Any, directory: str) -> tuple[str, str]:
     return paths
 
 
-def worker_arguments(options: Any, overrides: dict[str, str]) -> list[str]:
+def worker_arguments(options: Any, overrides: dict[str, str | None]) -> list[str]:
     """The parsed options as ``twistd sesscache`` options again, minus the parent's own."""
     certificates = [overrides["certificate"]] if "certificate" in overrides else (
         options["certificates"] or [options["certificate"]])
@@ -94,7 +94,7 @@ def pool_service(options: Any, reactor: Any) -> service.MultiService:
     except ConfigurationError as error:
         raise fail(error) from None
     prepare_store(config)
-    overrides = {"store": config.store if isinstance(config.store, str) else None,
+    overrides: dict[str, str | None] = {"store": config.store if isinstance(config.store, str) else None,
                  "store-key-file": config.store_key_file}
     if config.session_id_context is None:
         # Derived once, from the first certificate: a certificate renewed by SIGHUP keeps it.

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import lmdb
+import lmdb  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
