@@ -43,6 +43,16 @@ def clock() -> FakeTime:
     return FakeTime()
 
 
+def test_provides_the_store_interfaces(tmp_path: Path) -> None:
+    from zope.interface.verify import verifyObject
+
+    from twisted_sesscache.interfaces import IExpiringStore
+
+    store = LMDBStore(tmp_path / "s")
+    assert verifyObject(IExpiringStore, store) and store.shared and not store.keeps_deadlines
+    store.close()
+
+
 def test_records_expire_and_take_removes(tmp_path: Path, clock: FakeTime) -> None:
     store = LMDBStore(tmp_path / "s", clock=clock)
     store.set(b"a", b"1", 10)

@@ -63,6 +63,7 @@ class LMDBStore:
     """
 
     shared = True  # other processes read the file: they need the same sealing key
+    keeps_deadlines = False  # answers at once
     log = Logger()
 
     def __init__(
@@ -91,14 +92,14 @@ class LMDBStore:
 
     # -- ISessionStore ----------------------------------------------------------------
 
-    def get(self, key: bytes) -> Deferred[bytes | None]:
+    def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         def read(txn: Any) -> bytes | None:
             raw: bytes | None = txn.get(key, db=self._records)
             return raw
 
         return self._transaction(read, write=False).addCallback(self._live)
 
-    def take(self, key: bytes) -> Deferred[bytes | None]:
+    def take(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         """Read and remove in one write transaction: two processes never both get it."""
         return self._transaction(lambda txn: self._remove(txn, key)).addCallback(self._live)
 
