@@ -5,7 +5,7 @@
 # clients the tests drive: curl and headless Chromium.
 set -euo pipefail
 packages=(python3 python3-venv python3-openssl python3-cryptography python3-cffi
-          python3-service-identity openssl redis-server nginx curl chromium)
+          python3-service-identity python3-lmdb openssl redis-server nginx curl chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 
 from tests.support import InfoProtocol, ReactorThread, TLSFiles, free_port, resume_series
 from tests.test_tap import assert_clean_exit, twistd
-from twisted_sesscache import CacheMode
+from twisted_sesscache import RUNTIME, CacheMode
+from twisted_sesscache.config import default_flush_interval
 from twisted_sesscache.endpoints import TLSServerEndpoint
 
 SHARED_WHY = "size and flushInterval are refused under PyPI wheels"
@@ -52,8 +53,8 @@ def test_parameters_reach_the_cache(tls_files: TLSFiles) -> None:
 def test_defaults(tls_files: TLSFiles) -> None:
     cache = endpoint_for(description(tls_files)).cache
     assert cache is not None
-    assert (cache.mode, cache.size, cache.timeout, cache.flush_interval, cache.tickets) == (
-        CacheMode.SERVER, None, 300, 0, False)
+    assert (cache.config.mode, cache.size, cache.timeout, cache.flush_interval, cache.tickets) == (
+        CacheMode.SERVER, None, 300, default_flush_interval(RUNTIME), False)
     assert cache.keep_sessions_on_truncation is True
 
 

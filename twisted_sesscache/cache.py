@@ -61,14 +61,13 @@ class SessionCache:
             config = CacheConfig(mode=mode, store=store, store_keys=keys, **settings)  # type: ignore[arg-type]
         elif settings or store is not None or store_keys is not None:
             raise TypeError("pass either config= or settings, not both")
-        self.config = config
         self.runtime = runtime or openssl_runtime()
-        config.check_runtime(self.runtime)
+        self.config = config = config.for_runtime(self.runtime)
         self._clock = clock
         self.clock: IReactorTime = LateClock(self._resolve_clock)
         self.sharing = Sharing(config, self.runtime, self.clock) if config.store is not None else None
         self.server = ServerContexts(config, self.runtime, self.sharing)
-        self.flushing = FlushSchedule(self.server, self.runtime, self.clock, config.flush_interval, self._also_flush)
+        self.flushing = FlushSchedule(self.server, self.runtime, self.clock, config.flush_interval or 0.0, self._also_flush)
         self._client: ClientSessionCache | None = None
         self._reports: list[Callable[[], Mapping[str, int]]] = []
         self._started = False
@@ -101,7 +100,7 @@ class SessionCache:
 
     @property
     def flush_interval(self) -> float:
-        return self.config.flush_interval
+        return self.config.flush_interval or 0.0
 
     @property
     def session_id_context(self) -> bytes | None:

@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 SESSION_ID_CONTEXT_MAX = 32  # SSL_MAX_SID_CTX_LENGTH
 DEFAULT_SIZE = 20480  # SSL_SESSION_CACHE_MAX_SIZE_DEFAULT: what "no size given" means to OpenSSL
 DEFAULT_TIMEOUT = 300  # seconds a session lives, server and client side
-STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "rediss+sentinel")
+# The reactor flushes every this many seconds under the shared runtime unless told otherwise: OpenSSL's
+# own flush (every 255 sessions, inside a handshake) stalls 48 ms at 100,000 sessions; the sliced
+# flush's worst turn is 1.1 ms (docs/benchmarks.md). The bundled runtime cannot flush: 0 there.
+SHARED_FLUSH_INTERVAL = 10.0
+STORE_SCHEMES = ("memory", "lmdb", "redis", "rediss", "redis+sentinel", "rediss+sentinel")
 Spelling = Callable[[str], str]
 
 
@@ -69,8 +73,9 @@ class CacheConfig:
     size: int | None = None
     """Most sessions OpenSSL keeps; None: OpenSSL's default (20480); 0: no limit."""
     timeout: int = DEFAULT_TIMEOUT
-    flush_interval: float = 0.0
-    """Seconds between reactor-driven flushes; 0 leaves it to OpenSSL's automatic flush."""
+    flush_interval: float | None = None
+    """Seconds between reactor-driven flushes; 0 leaves it to OpenSSL's automatic flush;
+    None: the runtime's default (:func:`default_flush_interval`), settled by :meth:`for_runtime`."""
     session_id_context: bytes | None = None
     tickets: Tickets = Tickets.OFF
     ticket_key_rotation: float = 3600.0
@@ -99,7 +104,8 @@ class CacheConfig:
             raise ConfigurationError("size", f"must be 0 (no limit) or more, not {self.size!r}")
         if not isinstance(self.timeout, int) or self.timeout <= 0:
             raise ConfigurationError("timeout", f"must be a positive whole number of seconds, not {self.timeout!r}")
-        _check_seconds("flush_interval", self.flush_interval, positive=False)
+        if self.flush_interval is not None:
+            _check_seconds("flush_interval", self.flush_interval, positive=False)
         _check_seconds("ticket_key_rotation", self.ticket_key_rotation, positive=True)
         _check_seconds("store_timeout", self.store_timeout, positive=True)
         if isinstance(self.store, str):
@@ -122,6 +128,13 @@ class CacheConfig:
 
     def replace(self, **changes: Any) -> CacheConfig:
         return dataclasses.replace(self, **changes)
+
+    def for_runtime(self, runtime: OpenSSLAccess) -> CacheConfig:
+        """This configuration checked against ``runtime``, with the runtime's defaults filled in."""
+        self.check_runtime(runtime)
+        if self.flush_interval is None:
+            return self.replace(flush_interval=default_flush_interval(runtime))
+        return self
 
     def check_runtime(self, runtime: OpenSSLAccess) -> None:
         """Refuse, naming the setting, what this process's OpenSSL cannot do."""
@@ -152,6 +165,11 @@ class CacheConfig:
             if value is not None:
                 values[setting.name] = value
         return cls(**values)
+
+
+def default_flush_interval(runtime: OpenSSLAccess) -> float:
+    """The flush interval when none is given: the reactor flushes in slices where it can."""
+    return SHARED_FLUSH_INTERVAL if runtime.shared else 0.0
 
 
 def _mode(value: object) -> CacheMode:
@@ -189,7 +207,9 @@ def _check_seconds(setting: str, value: object, *, positive: bool) -> None:
 def _check_store_url(url: str) -> None:
     scheme = "memory" if url == "memory" else urlsplit(url).scheme.lower()
     if scheme not in STORE_SCHEMES:
-        raise ConfigurationError("store", f"unknown store {url!r}: expected 'memory' or redis://host:port/db")
+        raise ConfigurationError(
+            "store", f"unknown store {url!r}: expected 'memory', lmdb:DIRECTORY or redis://host:port/db"
+        )
 
 
 # -- parsing user strings -----------------------------------------------------------------
@@ -264,8 +284,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeout", "session-timeout", "timeout", integer,
             "Session lifetime in seconds."),
     Setting("flush_interval", "flush-interval", "flushInterval", seconds,
-            "Flush expired sessions every this many seconds from the reactor (implies no-auto-clear); "
-            "0 leaves it to OpenSSL's automatic clear every 255 sessions. Needs the shared-OpenSSL runtime."),
+            "Flush expired sessions every this many seconds from the reactor, in slices (implies "
+            "no-auto-clear); 0 leaves it to OpenSSL's automatic clear every 255 sessions, which stalls a "
+            f"handshake [default: {SHARED_FLUSH_INTERVAL:g} under the shared-OpenSSL runtime; 0 under PyPI "
+            "wheels, which cannot flush]."),
     Setting("session_id_context", "session-id-context", "sessionIdContext", _text,
             f"Sessions resume only between listeners sharing this text (1 to {SESSION_ID_CONTEXT_MAX} "
             "bytes) [default: derived from the certificate and the verification settings]."),
@@ -275,8 +297,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_sessions_on_truncation", "strict-truncation", "keepSessionsOnTruncation", yes_no,
             "Whether clients closing without close_notify keep their sessions (still reported as unclean)."),
     Setting("store", "store", "store", _text,
-            "Share sessions through a store: memory, or redis://[user:password@]host:port/db "
-            "(rediss:// for TLS to Redis). Server-side sharing needs the shared-OpenSSL runtime."),
+            "Share sessions through a store: memory, lmdb:DIRECTORY (the processes of one host), or "
+            "redis://[user:password@]host:port/db (rediss:// for TLS to Redis). Server-side sharing needs the shared-OpenSSL runtime."),
     Setting("store_key_file", "store-key-file", "storeKeyFile", _text,
             "File with the 32-byte key that seals what goes to the store; created with mode 0600 when "
             "absent. Every process sharing the store needs the same file."),
@@ -311,12 +333,14 @@ __all__ = [
     "BY_NAME",
     "DEFAULT_SIZE",
     "DEFAULT_TIMEOUT",
+    "SHARED_FLUSH_INTERVAL",
     "SESSION_ID_CONTEXT_MAX",
     "SETTINGS",
     "CacheConfig",
     "Setting",
     "Spelling",
     "Tickets",
+    "default_flush_interval",
     "option_spelling",
     "parameter_spelling",
     "parse_as",

@@ -84,7 +84,7 @@ def _store(config: CacheConfig, clock: IReactorTime) -> ISessionStore:
             raise ConfigurationError("store", f"{config.store!r} does not provide ISessionStore")
         return config.store
     try:
-        return store_from_url(config.store, clock, ca=config.store_ca)
+        return store_from_url(config.store, clock, ca=config.store_ca, size=config.size_limit)
     except ValueError as error:
         raise ConfigurationError("store", str(error)) from None
 

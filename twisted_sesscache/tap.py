@@ -29,6 +29,7 @@ from twisted_sesscache.server.alpn import parse_alpn
 from twisted_sesscache.server.certificates import server_certificate, server_certificates
 from twisted_sesscache.service import AnnouncedEndpoint, SessionCacheService, listener, version_text
 from twisted_sesscache.upstream import UpstreamTLS
+from twisted_sesscache.workers import default_store, worker_count
 
 DEFAULT_LISTEN = "tcp:8443:interface=127.0.0.1"
 TLS_PREFIXES = ("ssl", "sesscache")  # endpoints that already speak TLS
@@ -80,6 +81,9 @@ class Options(usage.Options):
          "stream, e.g. tcp:127.0.0.1:8080. Without it, a status page is served."],
         ["stats", None, None, "Stream server endpoint of an HTTP listener serving /stats.json and "
          "/metrics (Prometheus), e.g. tcp:9443:interface=127.0.0.1."],
+        ["workers", None, "1", "Worker processes sharing the listening port, and their sessions through "
+         "--store (with more than one, the default store is lmdb:DIR/sessions with DIR the --data-dir "
+         "or a runtime directory); auto: one per CPU."],
         ["upstream-ca", None, None, "With --upstream-tls: PEM file (or directory) of the CA certificates "
          "the backend is verified against [default: the platform's trust store]."],
         ["upstream-hostname", None, None, "With --upstream-tls: the name the backend's certificate must "
@@ -156,6 +160,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
+            self["workers"] = worker_count(self["workers"])
             self._check_endpoints()
             self["config"] = self._config()
             self["alpnProtocols"] = parse_alpn(self["alpn"] or "", setting="alpn")
@@ -171,9 +176,14 @@ class Options(usage.Options):
         }
         given["tickets"] = self["tickets"]
         given["keep_sessions_on_truncation"] = self["keep-sessions-on-truncation"]
-        config = CacheConfig.from_strings(given)
-        config.check_runtime(openssl_runtime())
-        if config.store_key_file is not None:
+        # Workers share sessions through a store: an LMDB file when none is named (its key file is
+        # created by the parent, before the workers start).
+        default_key = None
+        if self["workers"] > 1 and given["store"] is None:
+            given["store"], default_key = default_store(self["data-dir"])
+            given["store_key_file"] = given["store_key_file"] or default_key
+        config = CacheConfig.from_strings(given).for_runtime(openssl_runtime())
+        if config.store_key_file is not None and config.store_key_file != default_key:
             check_key_file(config.store_key_file, setting="store_key_file")
         return config
 
@@ -279,20 +289,15 @@ def make_cache(options: Options) -> SessionCache:
         raise SystemExit(f"twistd sesscache: {message}") from None
 
 
-def makeService(options: Options) -> service.MultiService:
-    """The cache service, the TLS listener (proxy or status page) and the optional stats listener."""
-    from twisted.internet import reactor
+def application_factory(options: Options, cache: SessionCache, reactor: Any) -> Any:
+    """What speaks inside TLS: the proxy to --upstream, or the status page behind a handshake guard.
 
-    from twisted_sesscache.endpoints import TLSServerEndpoint
+    Either one's counts join the cache's statistics.
+    """
     from twisted_sesscache.handshakes import HandshakeFailures, HandshakeGuardFactory
-    from twisted_sesscache.proxy import ProxyShutdownService, proxy_factory
-    from twisted_sesscache.status import stats_site, status_site
+    from twisted_sesscache.proxy import proxy_factory
+    from twisted_sesscache.status import status_site
 
-    cache = make_cache(options)
-    top = service.MultiService()
-    SessionCacheService(cache, options.notes).setServiceParent(top)
-
-    creator = cache.server_context_factory(options["certificateOptions"], options["alpnProtocols"])
     settings: ProxySettings = options.get("proxySettings") or ProxySettings()
     handshakes = HandshakeFailures(reactor)
     if options["upstream"]:
@@ -303,21 +308,42 @@ def makeService(options: Options) -> service.MultiService:
             "settings": settings,
             "handshakeFailures": handshakes,
         })
-    else:
-        factory = HandshakeGuardFactory(status_site(cache), handshakes, timeout=settings.handshake_timeout,
-                                        clock=reactor)
+        cache.report(factory.stats)
+        return factory
+    cache.report(lambda: handshakes.counts)
+    return HandshakeGuardFactory(status_site(cache), handshakes, timeout=settings.handshake_timeout, clock=reactor)
+
+
+def makeService(options: Options) -> service.MultiService:
+    """The cache service, the TLS listener (proxy or status page) and the optional stats listener.
+
+    With ``--workers`` above 1: the supervisor of worker processes instead (workers.py).
+    """
+    from twisted.internet import reactor
+
+    from twisted_sesscache.endpoints import TLSServerEndpoint
+    from twisted_sesscache.proxy import ProxyShutdownService
+    from twisted_sesscache.status import stats_site
+
+    if options["workers"] > 1:
+        from twisted_sesscache.worker_setup import pool_service
+
+        return pool_service(options, reactor)
+    cache = make_cache(options)
+    top = service.MultiService()
+    SessionCacheService(cache, options.notes).setServiceParent(top)
+
+    creator = cache.server_context_factory(options["certificateOptions"], options["alpnProtocols"])
+    factory = application_factory(options, cache, reactor)
     tls = TLSServerEndpoint(serverFromString(reactor, options["listen"]), creator)
     listener(AnnouncedEndpoint(tls, options["upstream"]), factory).setServiceParent(top)
     if options["upstream"]:
         # Stopped with the listener: that one stops accepting, this one waits for what was accepted.
         ProxyShutdownService(factory).setServiceParent(top)
-        cache.report(factory.stats)
-    else:
-        cache.report(lambda: handshakes.counts)
 
     if options["stats"]:
         listener(serverFromString(reactor, options["stats"]), stats_site(cache, reactor)).setServiceParent(top)
     return top
 
 
-__all__ = ["DEFAULT_LISTEN", "Options", "SessionCacheService", "makeService", "version_text"]
+__all__ = ["DEFAULT_LISTEN", "Options", "SessionCacheService", "application_factory", "makeService", "version_text"]
