@@ -7,6 +7,8 @@ oversized record headers, a hello in pieces with bytes after it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gc
 import socket
 import time
@@ -68,14 +70,14 @@ def connect(port: int, timeout: float = 10) -> socket.socket:
     return conn
 
 
-def read_until_closed(conn: socket.socket, timeout: float = 10, limit: int = 1 << 20) -> bytes:
-    """Everything the server sends until it closes (or resets), within ``timeout`` seconds."""
+def _read(conn: socket.socket, timeout: float, enough: Callable[[bytes], bool], waiting_for: str) -> bytes:
+    """What the server sends until ``enough`` says so, or it closes (or resets), within ``timeout`` seconds."""
     received = b""
     deadline = time.monotonic() + timeout
-    while len(received) < limit:
+    while not enough(received):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"the server neither answered nor closed within {timeout} s: {received[:64]!r}")
+            raise TimeoutError(f"{waiting_for} within {timeout} s: {received[:64]!r}")
         conn.settimeout(left)
         try:
             chunk = conn.recv(65536)
@@ -85,25 +87,20 @@ def read_until_closed(conn: socket.socket, timeout: float = 10, limit: int = 1 <
             break
         received += chunk
     return received
+
+
+def read_until_closed(conn: socket.socket, timeout: float = 10, limit: int = 1 << 20) -> bytes:
+    """Everything the server sends until it closes (or resets), within ``timeout`` seconds."""
+    return _read(conn, timeout, lambda received: len(received) >= limit, "the server neither answered nor closed")
 
 
 def read_records(conn: socket.socket, timeout: float = 10) -> bytes:
     """Read until at least one whole record has arrived (or the server closes)."""
-    received = b""
-    deadline = time.monotonic() + timeout
-    while len(received) < RECORD_HEADER or len(received) < RECORD_HEADER + int.from_bytes(received[3:5], "big"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no whole record within {timeout} s: {received[:64]!r}")
-        conn.settimeout(left)
-        try:
-            chunk = conn.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        received += chunk
-    return received
+
+    def whole_record(received: bytes) -> bool:
+        return len(received) >= RECORD_HEADER + int.from_bytes(received[3:5], "big") if len(received) >= RECORD_HEADER else False
+
+    return _read(conn, timeout, whole_record, "no whole record")
 
 
 def alerts(stream: bytes) -> list[int]:

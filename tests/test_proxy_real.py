@@ -57,11 +57,12 @@ class Backend:
 
 
 @contextmanager
-def backend(rt: ReactorThread, files: TLSFiles, tls: bool, protocol: type[Protocol] = Upstream) -> Iterator[Backend]:
-    """A backend on 127.0.0.1 (TLS when ``tls``) counting the connections it accepts."""
+def backend(rt: ReactorThread, files: TLSFiles, tls: bool, protocol: type[Protocol] = Upstream,
+            description: str = "tcp:0:interface=127.0.0.1") -> Iterator[Backend]:
+    """A backend on 127.0.0.1 (TLS when ``tls``, above whatever ``description`` says) counting its connections."""
     factory = Factory.forProtocol(protocol)
     factory.connections = 0  # type: ignore[attr-defined]
-    endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    endpoint: Any = serverFromString(reactor, description)
     if tls:
         endpoint = TLSServerEndpoint(endpoint, certificate_options(files.certificate, files.private_key))
     port = rt.call(endpoint.listen, factory)
@@ -294,16 +295,9 @@ class WhoAmI(Protocol):
 
 @contextmanager
 def haproxy_backend(rt: ReactorThread, files: TLSFiles, tls: bool) -> Iterator[Backend]:
-    factory = Factory.forProtocol(WhoAmI)
-    factory.connections = 0  # type: ignore[attr-defined]
-    endpoint: Any = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
-    if tls:  # the PROXY header comes first, then TLS
-        endpoint = TLSServerEndpoint(endpoint, certificate_options(files.certificate, files.private_key))
-    port = rt.call(endpoint.listen, factory)
-    try:
-        yield Backend(port.getHost().port, factory, tls)
-    finally:
-        rt.call(port.stopListening)
+    """Twisted's haproxy: endpoint as the backend: the PROXY header comes first, then TLS."""
+    with backend(rt, files, tls, WhoAmI, "haproxy:tcp:0:interface=127.0.0.1") as found:
+        yield found
 
 
 def ipv6_loopback() -> bool:
