@@ -7,6 +7,10 @@ OpenSSL sees it, :meth:`ExternalSessions.prefetch` fetches the offered
 session IDs (TLS 1.2) or stateful-ticket PSK identities (TLS 1.3) from the
 store, and only then are the bytes handed to OpenSSL, whose callback reads
 the fetched session from a local buffer.
+
+A store that answers at once (``answers_at_once``: the memory and LMDB
+stores) needs none of that: OpenSSL's callback asks it directly, and only for
+the sessions OpenSSL's own cache does not hold, so the hello is not read.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class ExternalSessions:
     ) -> None:
         self.records = SealedRecords(store, sealer, SESSION_KIND, timeout=lookup_timeout, reactor=reactor)
         self.runtime = runtime
+        # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
+        self.synchronous = bool(getattr(store, "answers_at_once", False))
+        # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
+        self._asked: weakref.WeakKeyDictionary[SSL.Connection, int] = weakref.WeakKeyDictionary()
         self._fetched: weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, bytes]] = weakref.WeakKeyDictionary()
 
     @property
@@ -68,7 +76,11 @@ class ExternalSessions:
         def on_get(connection: SSL.Connection | None, session_id: bytes) -> bytes | None:
             # Kept until the handshake ends (forget): after a HelloRetryRequest
             # OpenSSL looks the same identity up again for the second ClientHello.
-            fetched = self._fetched.get(connection) if connection is not None else None
+            if connection is None:
+                return None
+            if self.synchronous:
+                return self._lookup_now(connection, sid_context, session_id)
+            fetched = self._fetched.get(connection)
             return fetched.get(session_id) if fetched else None
 
         self.runtime.set_session_callbacks(context, new=on_new, remove=on_remove, get=on_get)
@@ -95,21 +107,34 @@ class ExternalSessions:
         done: Deferred[Any] = DeferredList(lookups, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
+    def _lookup_now(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> bytes | None:
+        """The stored session, from a store that answers at once; at most _MAX_LOOKUPS per connection."""
+        asked = self._asked.get(connection, 0)
+        if asked >= _MAX_LOOKUPS or not 0 < len(session_id) <= _MAX_STORED_ID:
+            return None
+        self._asked[connection] = asked + 1
+        answer: list[bytes | None] = []
+        self._fetch(sid_context, session_id).addCallback(answer.append)
+        return answer[0] if answer else None  # a store that did not answer at once: a miss
+
     def _lookup(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> Deferred[None]:
         def found(der: bytes | None) -> None:
             if der is not None:
                 self._fetched.setdefault(connection, {})[session_id] = der
 
+        return self._fetch(sid_context, session_id).addCallback(found)
+
+    def _fetch(self, sid_context: bytes, session_id: bytes) -> Deferred[bytes | None]:
         def check(der: bytes) -> None:
             # OpenSSL must accept the session, and it must be the one asked for: a
             # session under another ID would fail the handshake instead of giving a full one.
             if self.runtime.session_id(self.runtime.session_from_der(der)) != session_id:
                 raise ValueError("the stored session carries another session ID than its key")
 
-        lookup = self.records.fetch(self.key(sid_context, session_id), sid_context, check=check)
-        return lookup.addCallback(found)
+        return self.records.fetch(self.key(sid_context, session_id), sid_context, check=check)
 
     def forget(self, connection: SSL.Connection) -> None:
         """Drop what was fetched for a connection whose handshake is over."""
         self._fetched.pop(connection, None)
+        self._asked.pop(connection, None)
 
