@@ -14,6 +14,7 @@ import pytest
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
+from tests.hello_peers import CountingStore
 from tests.support import RedisProcess, ReactorThread, TLSFiles, s_client, tls_server
 from twisted_sesscache import SessionCache
 from twisted_sesscache.certs import certificate_options
@@ -101,6 +102,26 @@ def test_a_store_that_answers_at_once_is_asked_only_for_what_openssl_lacks(
     assert other["store_hits"] == 1 and other["store_misses"] == 0
     assert watched.hello is None and watched._held is None  # the bytes go straight to OpenSSL
     reactor_thread.call(store.close)
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_a_store_that_answers_later_is_not_asked_for_what_openssl_holds(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str
+) -> None:
+    """The prefetch skips the sessions OpenSSL's own cache holds, and only those: one flushed is fetched again."""
+    store = CountingStore()
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2) as (ports, caches):
+        assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+        gets = store.gets
+        assert s_client(ports[0], tls=tls, sess_in=session) == "Reused"  # OpenSSL's own cache: no fetch
+        assert store.gets == gets
+        assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"  # fetched from the store
+        assert store.gets == gets + 1
+        assert reactor_thread.call(caches[0].flush, time.time() + 10**6) >= 1  # gone, from the store too
+        gets = store.gets
+        assert s_client(ports[0], tls=tls, sess_in=session) == "New"
+        assert store.gets == gets + 1  # no longer held, so looked up
 
 
 def test_records_in_redis_are_sealed(
