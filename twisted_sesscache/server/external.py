@@ -17,6 +17,7 @@ its new-session callback saw and its remove callback has not taken back.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import weakref
@@ -115,7 +116,7 @@ class ExternalSessions:
     @staticmethod
     def key(sid_context: bytes, session_id: bytes) -> bytes:
         """Store key: which listener configuration, then which session."""
-        return hashlib.sha256(sid_context).hexdigest()[:16].encode() + b":" + session_id.hex().encode()
+        return _listener_prefix(sid_context) + session_id.hex().encode()
 
     def prefetch(
         self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool
@@ -178,3 +179,9 @@ def _never_switched(context: SSL.Context) -> bool:
     callbacks run as the second's: a set kept per context would be wrong there.
     """
     return getattr(context, "_tlsext_servername_callback", False) is None
+
+
+@functools.lru_cache(maxsize=256)
+def _listener_prefix(sid_context: bytes) -> bytes:
+    """The first part of a store key, the same for every session of a listener (hashed once)."""
+    return hashlib.sha256(sid_context).hexdigest()[:16].encode() + b":"
