@@ -124,6 +124,22 @@ def test_a_store_that_answers_later_is_not_asked_for_what_openssl_holds(
         assert store.gets == gets + 1  # no longer held, so looked up
 
 
+def test_a_session_evicted_from_a_full_cache_is_fetched_again(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """OpenSSL's remove callback reports eviction too: the ID no longer counts as held."""
+    store = CountingStore()
+    first, second = tmp_path / "first.pem", tmp_path / "second.pem"
+    with fleet(reactor_thread, tls_files, store, count=1, size=1) as (ports, _):
+        assert s_client(ports[0], sess_out=first) == "New"
+        assert s_client(ports[0], sess_out=second) == "New"  # the cache holds one: the first is evicted
+        gets = store.gets
+        assert s_client(ports[0], sess_in=second) == "Reused"
+        assert store.gets == gets
+        assert s_client(ports[0], sess_in=first) == "New"  # evicted, and deleted from the store with it
+        assert store.gets == gets + 1
+
+
 def test_records_in_redis_are_sealed(
     reactor_thread: ReactorThread, tls_files: TLSFiles, redis: RedisProcess
 ) -> None:
