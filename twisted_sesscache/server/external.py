@@ -10,9 +10,10 @@ the fetched session from a local buffer.
 
 A store that answers at once (``answers_at_once``: the memory and LMDB
 stores) needs none of that: OpenSSL's callback asks it directly, and only for
-the sessions OpenSSL's own cache does not hold, so the hello is not read. For a store that answers later, the sessions
-OpenSSL's own cache holds are not fetched either: each context keeps the IDs
-its new-session callback saw and its remove callback has not taken back.
+the sessions OpenSSL's own cache does not hold, so the hello is not read.
+For a store that answers later, the sessions OpenSSL's own cache holds are
+not fetched either: each context keeps the IDs its new-session callback saw
+and its remove callback has not taken back.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class ExternalSessions:
         mode = context.get_session_cache_mode()
         if self.synchronous or mode & int(CacheMode.NO_INTERNAL) or not mode & int(CacheMode.SERVER):
             return None
-        return self._held.setdefault(id(context), set())
+        held = self._held[id(context)] = set()
+        weakref.finalize(context, self._held.pop, id(context), None)  # before its address is reused
+        return held
 
     def holds(self, context: SSL.Context, session_id: bytes) -> bool:
         """Whether OpenSSL's own cache of ``context`` has the session: no need to fetch it."""
@@ -168,7 +171,6 @@ class ExternalSessions:
         """Drop what was fetched for a connection whose handshake is over."""
         self._fetched.pop(connection, None)
         self._asked.pop(connection, None)
-
 
 
 def _never_switched(context: SSL.Context) -> bool:
