@@ -115,11 +115,11 @@ def _child_python(code: str) -> tuple[int, str]:
 # -- command lines ----------------------------------------------------------------
 
 
-def bench_server(config: str) -> Command:
+def bench_server(config: str, *extra: str) -> Command:
     """The bench's own Twisted server (tlsserver.py) in one of its configurations."""
     return template(
         "{python}", "-m", "bench.tlsserver", config,
-        "--port", "{port}", "--certificate", "{cert}", "--private-key", "{key}",
+        "--port", "{port}", "--certificate", "{cert}", "--private-key", "{key}", *extra,
     )  # fmt: skip
 
 
@@ -213,8 +213,10 @@ CONFIGS: tuple[Config, ...] = (
     Config("twisted-sessions", "Twisted CertificateOptions(enableSessions=True)", bench_server("sessions")),
     Config("sesscache-memory", "SessionCache(), OpenSSL's cache", bench_server("sesscache")),
     Config("sesscache-memstore", "SessionCache(store=MemoryStore())", bench_server("sesscache-memstore")),
+    Config("sesscache-lmdb", "SessionCache(store='lmdb:DIR')", bench_server("sesscache-lmdb", "--store-dir", "{dir}/lmdb-{index}"), needs=(importable("lmdb"),)),
     Config("twistd-sesscache-memory", "twistd sesscache", twistd_sesscache(), needs=(TWISTD,)),
     Config("twistd-sesscache-memstore", "twistd sesscache --store memory", twistd_sesscache("--store", "memory"), needs=(TWISTD, twistd_option("--store"))),
+    Config("twistd-sesscache-lmdb", "twistd sesscache --store lmdb:DIR", twistd_sesscache("--store", "lmdb:{dir}/lmdb-{index}", "--store-key-file", "{dir}/store-{index}.key"), needs=(TWISTD, importable("lmdb"))),
     Config("twistd-sesscache-redis", "twistd sesscache --store redis, 2 processes", twistd_sesscache("--store", "redis://127.0.0.1:{redis}/0", "--store-key-file", "{dir}/store.key"), copies=2, helpers=(REDIS,), needs=(TWISTD, twistd_option("--store"))),
     Config("nginx", "nginx 1 worker, ssl_session_cache shared", nginx, needs=(executable("nginx"),)),
     Config("openssl-s_server", "openssl s_server (ceiling)", s_server, needs=(executable("openssl"),)),

@@ -18,7 +18,7 @@ from twisted.internet import protocol
 
 BODY = b"ok\n"
 ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\n" + BODY
-CONFIGS = ("default", "sessions", "sesscache", "sesscache-memstore")
+CONFIGS = ("default", "sessions", "sesscache", "sesscache-memstore", "sesscache-lmdb")
 
 
 def rss_bytes() -> int:
@@ -52,8 +52,11 @@ class Answer(protocol.Protocol):
         transport.loseConnection()
 
 
-def make_creator(config: str, certificate: str, private_key: str) -> tuple[Any, Any]:
-    """The connection creator for ``config`` and the SessionCache behind it (or None)."""
+def make_creator(config: str, certificate: str, private_key: str, store_dir: str = ".") -> tuple[Any, Any]:
+    """The connection creator for ``config`` and the SessionCache behind it (or None).
+
+    ``store_dir``: where ``sesscache-lmdb`` keeps its environment and key file.
+    """
     from twisted_sesscache.certs import certificate_options
 
     if config == "default":
@@ -71,6 +74,14 @@ def make_creator(config: str, certificate: str, private_key: str) -> tuple[Any, 
 
         cache = SessionCache(store=MemoryStore())
         return cache.server_context_factory(certificate_options(certificate, private_key)), cache
+    if config == "sesscache-lmdb":
+        import os
+
+        from twisted_sesscache import SessionCache
+
+        cache = SessionCache(store=f"lmdb:{os.path.join(store_dir, 'lmdb')}",
+                             store_key_file=os.path.join(store_dir, "store.key"))
+        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
     raise ValueError(f"unknown configuration {config!r}; expected one of {', '.join(CONFIGS)}")
 
 
@@ -80,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--certificate", required=True)
     parser.add_argument("--private-key", required=True)
+    parser.add_argument("--store-dir", default=".", help="sesscache-lmdb: directory of the store and its key")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor as installed
 
     reactor: Any = installed
-    creator, cache = make_creator(args.config, args.certificate, args.private_key)
+    creator, cache = make_creator(args.config, args.certificate, args.private_key, args.store_dir)
     factory = protocol.Factory.forProtocol(Answer)
 
     def stats() -> dict[str, Any]:

@@ -117,6 +117,8 @@ def alerts(stream: bytes) -> list[int]:
 class CountingStore(MemoryStore):
     """A memory store that counts lookups and may answer them late, like a distant Redis."""
 
+    answers_at_once = False  # like Redis: the server reads the hello and prefetches
+
     def __init__(self, latency: float = 0.0) -> None:
         super().__init__()
         self.latency = latency

@@ -194,6 +194,8 @@ def test_store_tickets_are_taken_before_sessions_are_read() -> None:
 class Hanging(MemoryStore):
     """A store that never answers a read: a stalled Redis."""
 
+    answers_at_once = False
+
     def __init__(self) -> None:
         super().__init__()
         self.waiting: list[Deferred[bytes | None]] = []

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
+from tests.hello_peers import CountingStore
 from tests.support import RedisProcess, ReactorThread, TLSFiles, s_client, tls_server
 from twisted_sesscache import SessionCache
 from twisted_sesscache.certs import certificate_options
@@ -81,6 +83,63 @@ def test_session_made_on_one_listener_resumes_on_the_others(
         reactor_thread.call(store.close)
 
 
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+@pytest.mark.parametrize("kind", ["memory", "lmdb"])
+def test_a_store_that_answers_at_once_is_asked_only_for_what_openssl_lacks(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str, kind: str
+) -> None:
+    """No hello is read for it: OpenSSL's callback asks it, and only for sessions its own cache misses."""
+    store = MemoryStore() if kind == "memory" else store_from_url(f"lmdb:{tmp_path / 'lmdb'}")
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2) as (ports, caches):
+        assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+        assert s_client(ports[0], tls=tls, sess_in=session) == "Reused"  # from OpenSSL's own cache
+        local = reactor_thread.call(caches[0].stats)
+        assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"  # from the store, in the callback
+        other = reactor_thread.call(caches[1].stats)
+        watched = reactor_thread.call(lambda: caches[0].watch(SSL.Connection(caches[0].contexts[0], None)))
+    assert local["store_hits"] == local["store_misses"] == 0
+    assert other["store_hits"] == 1 and other["store_misses"] == 0
+    assert watched.hello is None and watched._held is None  # the bytes go straight to OpenSSL
+    reactor_thread.call(store.close)
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_a_store_that_answers_later_is_not_asked_for_what_openssl_holds(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str
+) -> None:
+    """The prefetch skips the sessions OpenSSL's own cache holds, and only those: one flushed is fetched again."""
+    store = CountingStore()
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2) as (ports, caches):
+        assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+        gets = store.gets
+        assert s_client(ports[0], tls=tls, sess_in=session) == "Reused"  # OpenSSL's own cache: no fetch
+        assert store.gets == gets
+        assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"  # fetched from the store
+        assert store.gets == gets + 1
+        assert reactor_thread.call(caches[0].flush, time.time() + 10**6) >= 1  # gone, from the store too
+        gets = store.gets
+        assert s_client(ports[0], tls=tls, sess_in=session) == "New"
+        assert store.gets == gets + 1  # no longer held, so looked up
+
+
+def test_a_session_evicted_from_a_full_cache_is_fetched_again(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """OpenSSL's remove callback reports eviction too: the ID no longer counts as held."""
+    store = CountingStore()
+    first, second = tmp_path / "first.pem", tmp_path / "second.pem"
+    with fleet(reactor_thread, tls_files, store, count=1, size=1) as (ports, _):
+        assert s_client(ports[0], sess_out=first) == "New"
+        assert s_client(ports[0], sess_out=second) == "New"  # the cache holds one: the first is evicted
+        gets = store.gets
+        assert s_client(ports[0], sess_in=second) == "Reused"
+        assert store.gets == gets
+        assert s_client(ports[0], sess_in=first) == "New"  # evicted, and deleted from the store with it
+        assert store.gets == gets + 1
+
+
 def test_records_in_redis_are_sealed(
     reactor_thread: ReactorThread, tls_files: TLSFiles, redis: RedisProcess
 ) -> None:
@@ -135,6 +194,8 @@ def test_bad_records_never_resume_and_never_crash(
 
 class SilentStore(MemoryStore):
     """A store whose reads never answer: a Redis that hangs."""
+
+    answers_at_once = False  # it never answers, let alone at once: the hello is read and prefetched
 
     def get(self, key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         return Deferred()

@@ -246,11 +246,13 @@ def test_connections_gone_before_the_lookup_answers_leave_no_errors(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
 ) -> None:
     store = CountingStore(latency=0.02)
-    with hello_server(reactor_thread, tls_files, "store", store) as (port, _):
+    # The sessions are made by another listener on the store: the one under test does not hold them.
+    with hello_server(reactor_thread, tls_files, "store", store) as (maker, _), \
+            hello_server(reactor_thread, tls_files, "store", store) as (port, _):
         hellos = []
         for tls in ("1.2", "1.3"):
             session = tmp_path / f"{tls}.pem"
-            assert s_client(port, tls=tls, sess_out=session) == "New"
+            assert s_client(maker, tls=tls, sess_out=session) == "New"
             hellos.append(capture_openssl_hello(f"-tls{tls.replace('.', '_')}", "-sess_in", str(session)))
         time.sleep(0.05)
         with failures_logged() as log:
@@ -344,13 +346,15 @@ def test_a_hello_retried_after_hello_retry_request_resumes(
     # Only P-256 here: a client whose key share is X25519 gets a HelloRetryRequest.
     options.getContext().set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
     retry = ("-groups", "X25519:P-256", "-msg")
-    with tls_server(reactor_thread, cache.server_context_factory(options)) as port, failures_logged() as log:
+    # The session is made by another listener on the store: the one under test has to fetch it.
+    with hello_server(reactor_thread, tls_files, "store", store) as (maker, _), \
+            tls_server(reactor_thread, cache.server_context_factory(options)) as port, failures_logged() as log:
         session = tmp_path / "s.pem"
-        assert s_client(port, tls="1.3", sess_out=session) == "New"
+        assert s_client(maker, tls="1.3", sess_out=session) == "New"
         time.sleep(0.05)
         gets = store.gets
         for _ in range(3):
-            assert s_client(port, tls="1.3", sess_in=session, sess_out=session, extra=retry) == "Reused"
+            assert s_client(port, tls="1.3", sess_in=session, extra=retry) == "Reused"
             time.sleep(0.05)
         assert store.gets - gets == 3  # one lookup per connection, none for the retried hello
     assert not log.events, log.describe()

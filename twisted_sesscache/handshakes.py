@@ -25,11 +25,12 @@ from twisted.internet.interfaces import (
     IProtocolNegotiationFactory,
     IReactorTime,
 )
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import alsoProvides, implementer
+from zope.interface import alsoProvides, implementer, providedBy
+from zope.interface.declarations import Provides
 
 from twisted_sesscache.failures import RateLimitedLog, failure_reason, peer_text
 from twisted_sesscache.proxy_config import HANDSHAKE_TIMEOUT
@@ -85,7 +86,12 @@ class HandshakeGuard(ProtocolWrapper):
         timeout = self.factory.timeout
         if timeout is not None:
             self._timer = self.factory.clock.callLater(timeout, self._timeout)
-        super().makeConnection(transport)
+        # ProtocolWrapper.makeConnection, with the declaration that this wrapper provides what
+        # its transport provides made once per kind of transport (directlyProvides: ~10 µs each time).
+        self.__provides__ = _provides_like(type(self), providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(cast(Any, self))  # the wrapper is its transport
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
@@ -111,6 +117,21 @@ class HandshakeGuard(ProtocolWrapper):
         if not (self.handshake_done or self.timed_out or self.dismissed):
             self.factory.failures.failed(self.peer_address, reason)
         super().connectionLost(reason)
+
+
+# (guard class, what the transport provides) -> the declaration; a handful of kinds of transport.
+_PROVIDES: dict[tuple[type, Any], Any] = {}
+
+
+def _provides_like(cls: type, transport_provides: Any) -> Any:
+    """What ``directlyProvides(guard, transport_provides)`` would set: the same object for every connection."""
+    key = (cls, transport_provides)
+    found = _PROVIDES.get(key)
+    if found is None:
+        if len(_PROVIDES) >= 64:
+            _PROVIDES.clear()
+        found = _PROVIDES[key] = Provides(cls, transport_provides)
+    return found
 
 
 class HandshakeGuardFactory(WrappingFactory):

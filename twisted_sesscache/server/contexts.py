@@ -99,11 +99,16 @@ class ServerContexts:
             connection,
             self,
             keep_session_on_eof=self.config.keep_sessions_on_truncation,
-            # The hello is read for the store's prefetch, and for counting misses
-            # where OpenSSL's own counters are out of reach; otherwise it costs for nothing.
-            read_hello=self._external() is not None or not self.runtime.shared,
+            # The hello is read for the prefetch from a store that answers later, and for
+            # counting misses where OpenSSL's own counters are out of reach; otherwise it costs for nothing.
+            read_hello=self._read_hello,
             runtime=self.runtime,
         )
+
+    @property
+    def _read_hello(self) -> bool:
+        external = self._external()
+        return not self.runtime.shared or (external is not None and not external.synchronous)
 
     def _external(self) -> ExternalSessions | None:
         return self.sharing.external if self.sharing is not None else None

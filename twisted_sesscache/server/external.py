@@ -7,10 +7,18 @@ OpenSSL sees it, :meth:`ExternalSessions.prefetch` fetches the offered
 session IDs (TLS 1.2) or stateful-ticket PSK identities (TLS 1.3) from the
 store, and only then are the bytes handed to OpenSSL, whose callback reads
 the fetched session from a local buffer.
+
+A store that answers at once (``answers_at_once``: the memory and LMDB
+stores) needs none of that: OpenSSL's callback asks it directly, and only for
+the sessions OpenSSL's own cache does not hold, so the hello is not read.
+For a store that answers later, the sessions OpenSSL's own cache holds are
+not fetched either: each context keeps the IDs its new-session callback saw
+and its remove callback has not taken back.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import weakref
@@ -23,6 +31,7 @@ from twisted_sesscache.tls.clienthello import ClientHello
 from twisted_sesscache._openssl import OpenSSLAccess
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.interfaces import ISessionStore
+from twisted_sesscache.modes import CacheMode
 from twisted_sesscache.stores.sealed import SealedRecords
 
 # A stateful ticket's PSK identity is the session ID, at most 32 bytes; a
@@ -48,7 +57,13 @@ class ExternalSessions:
     ) -> None:
         self.records = SealedRecords(store, sealer, SESSION_KIND, timeout=lookup_timeout, reactor=reactor)
         self.runtime = runtime
+        # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
+        self.synchronous = bool(getattr(store, "answers_at_once", False))
+        # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
+        self._asked: weakref.WeakKeyDictionary[SSL.Connection, int] = weakref.WeakKeyDictionary()
         self._fetched: weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, bytes]] = weakref.WeakKeyDictionary()
+        # Per context (by id): session IDs in its OpenSSL cache, which OpenSSL resumes without asking.
+        self._held: dict[int, set[bytes]] = {}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -56,60 +71,119 @@ class ExternalSessions:
 
     def wire(self, context: SSL.Context, sid_context: bytes) -> None:
         """Install OpenSSL's new/remove/get callbacks on one context."""
+        held = self._held_ids(context)
 
         def on_new(connection: SSL.Connection | None, session: SSL.Session) -> None:
             ttl = self.runtime.session_expiry(session) - int(time.time())
-            name = self.key(sid_context, self.runtime.session_id(session))
-            self.records.put(name, self.runtime.session_to_der(session), sid_context, ttl)
+            session_id = self.runtime.session_id(session)
+            if held is not None and _never_switched(context):
+                held.add(session_id)
+            self.records.put(self.key(sid_context, session_id), self.runtime.session_to_der(session), sid_context, ttl)
 
         def on_remove(session: SSL.Session) -> None:
-            self.records.delete(self.key(sid_context, self.runtime.session_id(session)))
+            session_id = self.runtime.session_id(session)
+            if held is not None:
+                held.discard(session_id)
+            self.records.delete(self.key(sid_context, session_id))
 
         def on_get(connection: SSL.Connection | None, session_id: bytes) -> bytes | None:
             # Kept until the handshake ends (forget): after a HelloRetryRequest
             # OpenSSL looks the same identity up again for the second ClientHello.
-            fetched = self._fetched.get(connection) if connection is not None else None
+            if connection is None:
+                return None
+            if self.synchronous:
+                return self._lookup_now(connection, sid_context, session_id)
+            fetched = self._fetched.get(connection)
             return fetched.get(session_id) if fetched else None
 
         self.runtime.set_session_callbacks(context, new=on_new, remove=on_remove, get=on_get)
 
+    def _held_ids(self, context: SSL.Context) -> set[bytes] | None:
+        """The set of IDs held in ``context``'s own cache; None when OpenSSL would not resume from it.
+
+        Only for stores that answer later (the others are asked on a miss, by
+        OpenSSL), and only when OpenSSL both stores and looks up sessions itself.
+        """
+        mode = context.get_session_cache_mode()
+        if self.synchronous or mode & int(CacheMode.NO_INTERNAL) or not mode & int(CacheMode.SERVER):
+            return None
+        held = self._held[id(context)] = set()
+        weakref.finalize(context, self._held.pop, id(context), None)  # before its address is reused
+        return held
+
+    def holds(self, context: SSL.Context, session_id: bytes) -> bool:
+        """Whether OpenSSL's own cache of ``context`` has the session: no need to fetch it."""
+        held = self._held.get(id(context))
+        return held is not None and session_id in held and _never_switched(context)
+
     @staticmethod
     def key(sid_context: bytes, session_id: bytes) -> bytes:
         """Store key: which listener configuration, then which session."""
-        return hashlib.sha256(sid_context).hexdigest()[:16].encode() + b":" + session_id.hex().encode()
+        return _listener_prefix(sid_context) + session_id.hex().encode()
 
     def prefetch(
         self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool
     ) -> Deferred[None] | None:
-        """Fetch what the hello offers into the connection's buffer; None if it offers nothing stored.
+        """Fetch what the hello offers into the connection's buffer; None if it offers nothing to fetch.
 
         When both sides speak TLS 1.3, the legacy session ID is the random
         value of middlebox compatibility mode, not a session: only the PSK
         identities are looked up, sparing the store a query per new client.
+        A session OpenSSL holds itself is resumed from there: it is not fetched.
         """
         legacy = () if tls13 and TLS13 in hello.supported_versions else (hello.session_id,)
-        offered = [i for i in (*legacy, *hello.psk_identities) if 0 < len(i) <= _MAX_STORED_ID]
+        context = connection.get_context()
+        offered = [i for i in (*legacy, *hello.psk_identities)
+                   if 0 < len(i) <= _MAX_STORED_ID and not self.holds(context, i)]
         if not offered:
             return None
         lookups = [self._lookup(connection, sid_context, i) for i in dict.fromkeys(offered[:_MAX_LOOKUPS])]
         done: Deferred[Any] = DeferredList(lookups, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
+    def _lookup_now(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> bytes | None:
+        """The stored session, from a store that answers at once; at most _MAX_LOOKUPS per connection."""
+        asked = self._asked.get(connection, 0)
+        if asked >= _MAX_LOOKUPS or not 0 < len(session_id) <= _MAX_STORED_ID:
+            return None
+        self._asked[connection] = asked + 1
+        answer: list[bytes | None] = []
+        self._fetch(sid_context, session_id).addCallback(answer.append)
+        return answer[0] if answer else None  # a store that did not answer at once: a miss
+
     def _lookup(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> Deferred[None]:
         def found(der: bytes | None) -> None:
             if der is not None:
                 self._fetched.setdefault(connection, {})[session_id] = der
 
+        return self._fetch(sid_context, session_id).addCallback(found)
+
+    def _fetch(self, sid_context: bytes, session_id: bytes) -> Deferred[bytes | None]:
         def check(der: bytes) -> None:
             # OpenSSL must accept the session, and it must be the one asked for: a
             # session under another ID would fail the handshake instead of giving a full one.
             if self.runtime.session_id(self.runtime.session_from_der(der)) != session_id:
                 raise ValueError("the stored session carries another session ID than its key")
 
-        lookup = self.records.fetch(self.key(sid_context, session_id), sid_context, check=check)
-        return lookup.addCallback(found)
+        return self.records.fetch(self.key(sid_context, session_id), sid_context, check=check)
 
     def forget(self, connection: SSL.Connection) -> None:
         """Drop what was fetched for a connection whose handshake is over."""
         self._fetched.pop(connection, None)
+        self._asked.pop(connection, None)
 
+
+def _never_switched(context: SSL.Context) -> bool:
+    """No servername callback: a connection begun on ``context`` keeps its sessions in its cache.
+
+    After an SNI callback switches a connection to another context, OpenSSL
+    still caches its session in the first one (the session context), while the
+    callbacks run as the second's: a set kept per context would be wrong there.
+    """
+    return getattr(context, "_tlsext_servername_callback", False) is None
+
+
+@functools.lru_cache(maxsize=256)
+def _listener_prefix(sid_context: bytes) -> bytes:
+    """The first part of a store key, the same for every session of a listener (hashed once)."""
+    return hashlib.sha256(sid_context).hexdigest()[:16].encode() + b":"

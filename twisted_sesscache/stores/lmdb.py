@@ -64,6 +64,7 @@ class LMDBStore:
 
     shared = True  # other processes read the file: they need the same sealing key
     keeps_deadlines = False  # answers at once
+    answers_at_once = True  # every Deferred it returns has fired: OpenSSL's callback may ask it directly
     log = Logger()
 
     def __init__(

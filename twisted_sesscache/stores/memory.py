@@ -19,6 +19,7 @@ class MemoryStore:
 
     shared = False  # records never leave the process: a random sealing key will do
     keeps_deadlines = False  # answers at once
+    answers_at_once = True  # every Deferred it returns has fired: OpenSSL's callback may ask it directly
 
     def __init__(self, max_entries: int = 20480, clock: Callable[[], float] = time.monotonic) -> None:
         if max_entries <= 0:
