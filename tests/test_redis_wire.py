@@ -1,0 +1,116 @@
+"""The Redis store's own wire format and its one-timer deadlines, without a Redis server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.task import Clock
+
+pytest.importorskip("txredisapi")
+
+from txredisapi import InvalidResponse, ResponseError  # noqa: E402
+
+from twisted_sesscache.stores.redis_deadlines import BUSY_CAP, Deadlines  # noqa: E402
+from twisted_sesscache.stores.redis_wire import MAX_BULK, ReplyReader, encode_command  # noqa: E402
+
+
+def test_commands_are_encoded_as_bulk_strings() -> None:
+    assert encode_command("SET", b"k\r\n", b"", "EX", 300) == b"*5\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$0\r\n\r\n$2\r\nEX\r\n$3\r\n300\r\n"
+    assert encode_command("GET", bytearray(b"\xff")) == b"*2\r\n$3\r\nGET\r\n$1\r\n\xff\r\n"
+
+
+def test_every_kind_of_reply() -> None:
+    reader = ReplyReader()
+    replies = reader.feed(b"$3\r\na\r\n\r\n$-1\r\n+OK\r\n:42\r\n-WRONGTYPE no\r\n*-1\r\n*0\r\n"
+                          b"*3\r\n$6\r\nmaster\r\n:7\r\n*1\r\n*2\r\n$9\r\n127.0.0.1\r\n:1\r\n")
+    assert replies[:4] == [b"a\r\n", None, "OK", 42]
+    assert isinstance(replies[4], ResponseError) and str(replies[4]) == "WRONGTYPE no"
+    assert replies[5:] == [None, [], [b"master", 7, [[b"127.0.0.1", 1]]]]
+
+
+@given(st.lists(st.one_of(st.binary(max_size=300), st.none(), st.integers(-(2**40), 2**40)), max_size=20),
+       st.lists(st.integers(1, 50), max_size=30))
+def test_replies_split_anywhere_come_out_whole_and_in_order(values: list[Any], cuts: list[int]) -> None:
+    wire = b"".join(b"$-1\r\n" if v is None else b":%d\r\n" % v if isinstance(v, int) else b"$%d\r\n%s\r\n" % (len(v), v)
+                    for v in values)
+    reader, out, position = ReplyReader(), [], 0
+    for cut in cuts:
+        out += reader.feed(wire[position : position + cut])
+        position += cut
+    out += reader.feed(wire[position:])
+    assert out == values
+
+
+@pytest.mark.parametrize("wire", [b"?what\r\n", b":x\r\n", b"$%d\r\n" % (MAX_BULK + 1), b"*1\r\n" * 20, b"+" * (70 * 1024)])
+def test_malformed_or_oversized_replies_are_refused(wire: bytes) -> None:
+    with pytest.raises(InvalidResponse):
+        ReplyReader().feed(wire)
+
+
+class Link:
+    """What Deadlines asks of a RedisLink: when Redis last answered, and whether bytes wait unread."""
+
+    def __init__(self) -> None:
+        self.last_reply = -1.0  # never
+        self.waiting = False
+
+    def answering(self, since: float) -> bool:
+        return self.last_reply >= since or self.waiting
+
+
+def failed_with_timeout(request: Deferred[Any]) -> bool:
+    outcome: list[Any] = []
+    request.addErrback(outcome.append)
+    return bool(outcome) and outcome[0].check(TimeoutError) is not None
+
+
+def test_a_silent_redis_times_requests_out_by_their_own_budget_on_one_timer() -> None:
+    clock, link = Clock(), Link()
+    deadlines = Deadlines(clock, link)  # type: ignore[arg-type]
+    slow, quick, answered = Deferred[Any](), Deferred[Any](), Deferred[Any]()
+    deadlines.watch(slow, 1.0)
+    deadlines.watch(quick, 0.05)
+    deadlines.watch(answered, 0.05)
+    assert len(clock.getDelayedCalls()) == 1
+    answered.callback(b"record")
+    clock.advance(0.05)
+    clock.advance(0)
+    assert failed_with_timeout(quick) and not slow.called
+    clock.advance(0.95)
+    clock.advance(0)
+    assert failed_with_timeout(slow)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_redis_that_answers_gets_more_time_up_to_the_cap() -> None:
+    clock, link = Clock(), Link()
+    deadlines = Deadlines(clock, link)  # type: ignore[arg-type]
+    request = Deferred[Any]()
+    deadlines.watch(request, 0.1)
+    link.waiting = True  # its bytes wait in the socket: this process is busy, Redis is not late
+    for _ in range(int(BUSY_CAP / 0.1) - 1):
+        clock.advance(0.1)
+        clock.advance(0)
+        assert not request.called
+    for _ in range(3):
+        clock.advance(0.1)
+        clock.advance(0)
+    assert failed_with_timeout(request)
+
+
+def test_a_late_reactor_is_not_blamed_on_redis() -> None:
+    clock, link = Clock(), Link()
+    deadlines = Deadlines(clock, link)  # type: ignore[arg-type]
+    request = Deferred[Any]()
+    deadlines.watch(request, 0.1)
+    clock.advance(0.5)  # the reactor was busy for five budgets
+    clock.advance(0)
+    assert not request.called
+    clock.advance(0.1)
+    clock.advance(0)
+    assert failed_with_timeout(request)
+    deadlines.stop()
