@@ -216,7 +216,6 @@ class RedisLink:
         self._tls: Any = self._tls_options() if target.tls else None
         self._sentinel: Any = None
         self._factory: Any = None
-        self._turn = 0
         self._interval = interval
         self._watchdog = LoopingCall(self._tick)
 
@@ -249,12 +248,13 @@ class RedisLink:
             return False
 
     def ready(self) -> Any:
-        """A usable connection of the pool, taken in turn, at once; None when there is none right now."""
+        """The first usable connection of the pool, at once; None when there is none right now.
+
+        The same one while it lasts, the others standing by: the requests of a
+        reactor turn then leave in one write and their replies come in one read.
+        """
         factory = self._factory
-        pool = factory.pool if factory is not None else ()
-        for _ in range(len(pool)):
-            self._turn = (self._turn + 1) % len(pool)
-            conn = pool[self._turn]
+        for conn in factory.pool if factory is not None else ():
             if conn.connected:
                 return conn
         return None
