@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
+
+from tests.support import ReactorThread
+from twisted_sesscache.exceptions import StoreUnavailable
 
 pytest.importorskip("txredisapi")
 
@@ -114,3 +119,53 @@ def test_a_late_reactor_is_not_blamed_on_redis() -> None:
     clock.advance(0)
     assert failed_with_timeout(request)
     deadlines.stop()
+
+
+class FakeRedis(Protocol):
+    """Answers PING and GET; a GET gets a malformed reply while ``state["garbage"]`` is set."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.requests = ReplyReader()  # a request is a RESP array of bulk strings
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        for command in self.requests.feed(data):
+            if command[0] == b"GET":
+                self.state["gets_by_connection"][id(self)] = self.state["gets_by_connection"].get(id(self), 0) + 1
+                self.transport.write(b"?not RESP\r\n" if self.state["garbage"] else b"$5\r\nvalue\r\n")
+            else:
+                self.transport.write(b"+PONG\r\n")
+
+
+def test_requests_share_one_connection_and_a_malformed_reply_only_costs_a_reconnect(
+    reactor_thread: ReactorThread,
+) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.defer import gatherResults
+
+    from twisted_sesscache.stores.redis import RedisStore
+
+    state: dict[str, Any] = {"garbage": False, "gets_by_connection": {}}
+    factory: Any = ServerFactory.forProtocol(lambda: FakeRedis(state))
+    listen: Any = reactor.listenTCP
+    listener: Any = reactor_thread.call(listen, 0, factory, interface="127.0.0.1")
+    store = reactor_thread.call(RedisStore, port=listener.getHost().port, poolsize=2)
+    try:
+        assert reactor_thread.call(store.get, b"k") == b"value"
+        reactor_thread.call(lambda: gatherResults([store.get(b"k%d" % i) for i in range(20)]))
+        assert sorted(state["gets_by_connection"].values()) == [21]  # both connected; one carried them all
+        state["garbage"] = True
+        with pytest.raises(StoreUnavailable):
+            reactor_thread.call(store.get, b"k")
+        state["garbage"] = False
+        deadline = time.monotonic() + 10
+        while (reactor_thread.call(lambda: store.get(b"k").addErrback(lambda _: None)) != b"value"
+               or reactor_thread.call(store.stats)["store_reconnects"] < 1):  # the dropped one came back
+            assert time.monotonic() < deadline, "the store did not come back after a malformed reply"
+            time.sleep(0.05)
+        stats = reactor_thread.call(store.stats)
+        assert stats["store_errors"] >= 1 and stats["store_connected"] == 1
+    finally:
+        reactor_thread.call(store.close)
+        reactor_thread.call(listener.stopListening)
