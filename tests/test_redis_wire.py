@@ -20,6 +20,7 @@ pytest.importorskip("txredisapi")
 from txredisapi import InvalidResponse, ResponseError  # noqa: E402
 
 from twisted_sesscache.stores.redis_deadlines import BUSY_CAP, Deadlines  # noqa: E402
+from twisted_sesscache.stores import redis_wire  # noqa: E402
 from twisted_sesscache.stores.redis_wire import MAX_BULK, ReplyReader, encode_command  # noqa: E402
 
 
@@ -52,6 +53,26 @@ def test_replies_split_anywhere_come_out_whole_and_in_order(values: list[Any], c
 
 @pytest.mark.parametrize("wire", [b"?what\r\n", b":x\r\n", b"$%d\r\n" % (MAX_BULK + 1), b"*1\r\n" * 20, b"+" * (70 * 1024)])
 def test_malformed_or_oversized_replies_are_refused(wire: bytes) -> None:
+    with pytest.raises(InvalidResponse):
+        ReplyReader().feed(wire)
+
+
+def test_a_bulk_reply_arriving_a_byte_at_a_time_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear time: the held bytes are not re-read per segment, whatever Redis's segmentation."""
+    calls = []
+    parse = redis_wire._parse
+    monkeypatch.setattr(redis_wire, "_parse", lambda *args: calls.append(1) or parse(*args))
+    record = bytes(range(256)) * 40
+    wire = b"$%d\r\n%s\r\n+OK\r\n" % (len(record), record)
+    reader, out = ReplyReader(), []
+    for index in range(len(wire)):
+        out += reader.feed(wire[index : index + 1])
+    assert out == [record, "OK"]
+    assert len(calls) < 20, len(calls)  # header bytes, then once for the whole bulk, then the status
+
+
+@pytest.mark.parametrize("wire", [b"*%d\r\n" % (redis_wire.MAX_ITEMS + 1), b"+" * (redis_wire.MAX_LINE + 3)])
+def test_replies_beyond_the_bounds_are_refused_before_they_arrive(wire: bytes) -> None:
     with pytest.raises(InvalidResponse):
         ReplyReader().feed(wire)
 

@@ -14,13 +14,20 @@ from typing import Any
 
 from txredisapi import InvalidResponse, ResponseError
 
-# The longest reply line (a header or a status) and bulk reply this store accepts: the records are
-# a few KiB; anything larger means a broken or hostile peer, and the connection is dropped.
-MAX_LINE = 64 * 1024
-MAX_BULK = 16 * 1024 * 1024
+# The longest reply line (a header, a status, an error), bulk reply and array this store accepts:
+# records are a few KiB and ROLE lists a few replicas; anything larger means a broken or hostile
+# peer, and the connection is dropped. The bounds also keep re-reading a held reply cheap.
+MAX_LINE = 4 * 1024
+MAX_BULK = 1024 * 1024
+MAX_ITEMS = 1024
 MAX_DEPTH = 8  # ROLE nests two levels; nothing this store sends nests more
 
-_INCOMPLETE = -1
+
+class _Incomplete(Exception):
+    """The reply goes on past the bytes held; ``need`` is the buffer length worth reading again at."""
+
+    def __init__(self, need: int) -> None:
+        self.need = need
 
 
 def encode_command(*args: Any) -> bytes:
@@ -43,35 +50,43 @@ class ReplyReader:
     does). A malformed or oversized reply raises ``InvalidResponse``.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_need")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._need = 0  # the held bytes are not read again before there are this many
 
     def feed(self, data: bytes) -> list[Any]:
-        buffer = self._buffer + data if self._buffer else data
+        """The replies ``data`` completes, in order.
+
+        Linear in what arrives: a bulk reply's length is in its header, so its
+        bytes are read once, when all of them are there; what else may be read
+        again is bounded by MAX_LINE and MAX_ITEMS.
+        """
+        self._buffer += data
+        if len(self._buffer) < self._need:
+            return []
+        buffer = bytes(self._buffer)
         replies: list[Any] = []
         position = 0
-        size = len(buffer)
-        while position < size:
-            reply, end = _parse(buffer, position, 0)
-            if end == _INCOMPLETE:
-                if size - position > MAX_BULK + MAX_LINE:
-                    raise InvalidResponse("a Redis reply is too large")
-                break
-            replies.append(reply)
-            position = end
-        self._buffer = buffer[position:] if position else buffer
+        try:
+            while position < len(buffer):
+                reply, position = _parse(buffer, position, 0)
+                replies.append(reply)
+            self._need = 0
+        except _Incomplete as held:
+            self._need = held.need - position
+        del self._buffer[:position]
         return replies
 
 
 def _parse(buffer: bytes, position: int, depth: int) -> tuple[Any, int]:
-    """The reply starting at ``position`` and where the next one starts, or ``(None, _INCOMPLETE)``."""
-    line_end = buffer.find(b"\r\n", position)
+    """The reply starting at ``position`` and where the next one starts; ``_Incomplete`` if it goes on."""
+    line_end = buffer.find(b"\r\n", position, position + MAX_LINE + 2)
     if line_end < 0:
         if len(buffer) - position > MAX_LINE:
             raise InvalidResponse("a Redis reply line is too long")
-        return None, _INCOMPLETE
+        raise _Incomplete(len(buffer) + 1)
     kind = buffer[position]
     if kind == 0x24:  # $ bulk
         length = _number(buffer, position + 1, line_end)
@@ -82,7 +97,7 @@ def _parse(buffer: bytes, position: int, depth: int) -> tuple[Any, int]:
         start = line_end + 2
         stop = start + length
         if len(buffer) < stop + 2:
-            return None, _INCOMPLETE
+            raise _Incomplete(stop + 2)
         return buffer[start:stop], stop + 2
     if kind == 0x2B:  # + status
         return buffer[position + 1 : line_end].decode("utf-8", "replace"), line_end + 2
@@ -98,15 +113,13 @@ def _parse(buffer: bytes, position: int, depth: int) -> tuple[Any, int]:
 def _array(buffer: bytes, count: int, position: int, depth: int) -> tuple[Any, int]:
     if count < 0:
         return None, position
-    if depth >= MAX_DEPTH:
-        raise InvalidResponse("a Redis reply nests too deeply")
+    if depth >= MAX_DEPTH or count > MAX_ITEMS:
+        raise InvalidResponse("a Redis reply nests too deeply or holds too many items")
     items = []
     for _ in range(count):
         if position >= len(buffer):
-            return None, _INCOMPLETE
+            raise _Incomplete(position + 1)
         item, position = _parse(buffer, position, depth + 1)
-        if position == _INCOMPLETE:
-            return None, _INCOMPLETE
         items.append(item)
     return items, position
 
