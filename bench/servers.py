@@ -218,6 +218,7 @@ CONFIGS: tuple[Config, ...] = (
     Config("twistd-sesscache-memstore", "twistd sesscache --store memory", twistd_sesscache("--store", "memory"), needs=(TWISTD, twistd_option("--store"))),
     Config("twistd-sesscache-lmdb", "twistd sesscache --store lmdb:DIR", twistd_sesscache("--store", "lmdb:{dir}/lmdb-{index}", "--store-key-file", "{dir}/store-{index}.key"), needs=(TWISTD, importable("lmdb"))),
     Config("twistd-sesscache-redis", "twistd sesscache --store redis, 2 processes", twistd_sesscache("--store", "redis://127.0.0.1:{redis}/0", "--store-key-file", "{dir}/store.key"), copies=2, helpers=(REDIS,), needs=(TWISTD, twistd_option("--store"))),
+    Config("twistd-sesscache-redis-1", "twistd sesscache --store redis, 1 process", twistd_sesscache("--store", "redis://127.0.0.1:{redis}/0", "--store-key-file", "{dir}/store.key"), helpers=(REDIS,), needs=(TWISTD, twistd_option("--store"))),
     Config("nginx", "nginx 1 worker, ssl_session_cache shared", nginx, needs=(executable("nginx"),)),
     Config("openssl-s_server", "openssl s_server (ceiling)", s_server, needs=(executable("openssl"),)),
 )

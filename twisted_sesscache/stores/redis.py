@@ -22,15 +22,15 @@ from twisted_sesscache.clock import LateClock, global_reactor
 from twisted_sesscache.exceptions import StoreUnavailable
 from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.stores.redis_connection import RedisLink
+from twisted_sesscache.stores.redis_deadlines import BUSY_CAP, Deadlines
 from twisted_sesscache.stores.redis_target import RedisTarget, parse_redis_url
+from twisted_sesscache.stores.redis_wire import encode_command
 
 DEFAULT_TIMEOUT = 1.0
 # Keys per DEL command: one command, but not one that stalls Redis.
 DELETE_BATCH = 1000
 # At most one line per this many seconds about calls refused at the cap.
 REFUSAL_LOG_INTERVAL = 5.0
-# The longest a request waits, in all, while Redis answers but this process is too busy to read it.
-BUSY_CAP = 1.0
 COUNTERS = ("store_errors", "store_request_timeouts", "store_refused")
 
 
@@ -84,6 +84,7 @@ class RedisStore:
         self._delete_waiters: list[Deferred[None]] = []
         self._delete_flush: Any = None
         self._link = RedisLink(target, timeout=timeout, poolsize=poolsize, reactor=reactor)
+        self._deadlines = Deadlines(reactor, self._link)
 
     @classmethod
     def from_url(cls, url: str, reactor: Any = None, **kwargs: Any) -> RedisStore:
@@ -136,6 +137,7 @@ class RedisStore:
         }
 
     def close(self) -> Deferred[None]:
+        self._deadlines.stop()
         if self._delete_flush is not None:
             self._delete_flush.cancel()
             self._flush_deletes()
@@ -146,6 +148,9 @@ class RedisStore:
         keys, waiters = list(dict.fromkeys(self._deletes)), self._delete_waiters
         self._deletes, self._delete_waiters = [], []
         batches = [self._call(("DEL", *keys[i : i + DELETE_BATCH])) for i in range(0, len(keys), DELETE_BATCH)]
+        if len(batches) == 1 and len(waiters) == 1:  # the usual turn: one delete, its own reply
+            batches[0].addCallback(lambda _: None).chainDeferred(waiters[0])
+            return
 
         def done(_: Any) -> None:
             for waiter in waiters:
@@ -168,11 +173,19 @@ class RedisStore:
         if budget > self._link.longest_budget:
             self._link.longest_budget = budget
         self._pending += 1
+        request = encode_command(*command)
+        connection = self._link.ready()
+        if connection is not None:  # the usual case: sent now, one deadline among all in flight
+            result = connection.send(request)
+            self._deadlines.watch(result, budget)
+        else:  # starting, or reconnecting: wait for a connection, within the budget too
 
-        def send(connection: Any) -> Deferred[Any]:
-            return _deadline(connection.execute_command(*command), budget, self._reactor, self._link)
+            def send(connection: Any) -> Deferred[Any]:
+                sent = connection.send(request)
+                self._deadlines.watch(sent, budget)
+                return sent
 
-        result = _deadline(self._link.connection(), budget, self._reactor, self._link).addCallback(send)
+            result = _deadline(self._link.connection(), budget, self._reactor, self._link).addCallback(send)
         return result.addBoth(self._finished)
 
     def _finished(self, result: Any) -> Any:
@@ -206,14 +219,9 @@ class RedisStore:
 
 
 def _deadline(deferred: Deferred[Any], seconds: float, clock: Any, link: RedisLink) -> Deferred[Any]:
-    """``deferred``, failed with TimeoutError once Redis, not this process, has taken ``seconds``.
+    """The wait for a connection, failed with TimeoutError by the rules of ``Deadlines``.
 
-    When the budget runs out, the request is failed only if Redis has been
-    silent: if it answered anything since the request was issued, has bytes
-    waiting in a socket, or the reactor itself ran late (busy with a burst of
-    handshakes, so the request may not even be written yet), the budget is
-    given again, up to ``BUSY_CAP`` in all. A stalled Redis costs ``seconds``
-    (and one reactor turn); a burst on a busy reactor is not cut short.
+    Rare (while the pool starts or reconnects), so it keeps a timer of its own.
     """
     issued = clock.seconds()
     state: dict[str, Any] = {"expired": False, "timer": None}

@@ -14,7 +14,7 @@ that it is back.
 from __future__ import annotations
 
 import select
-
+from collections import deque
 from typing import Any
 
 import txredisapi
@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_sesscache.stores.redis_target import RedisTarget
+from twisted_sesscache.stores.redis_wire import ReplyReader, encode_command
 
 
 # Behind Sentinel, seconds between looks for the primary while there is none (a failover takes a few).
@@ -37,15 +38,55 @@ class NotPrimary(txredisapi.ConnectionError):
 
 
 class _SetupProtocol(txredisapi.RedisProtocol):
-    """Logs in, checks the role behind Sentinel and selects the database, all within a deadline."""
+    """Logs in, checks the role behind Sentinel and selects the database, all within a deadline.
+
+    Requests and replies take the short way (``redis_wire``): each request's
+    Deferred waits in a FIFO and its reply fires it directly; txredisapi's own
+    commands (AUTH, SELECT, PING, ROLE) go the same way through ``execute_command``.
+    """
 
     factory: Any
     _told = False  # why this connection never became usable has been told to the link
 
-    def dataReceived(self, data: bytes, *rest: Any) -> None:  # txredisapi passes more on its own calls
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._replies = ReplyReader()
+        self._waiters: deque[Deferred[Any]] = deque()
+
+    def send(self, command: bytes) -> Deferred[Any]:
+        """Write one encoded request; the Deferred fires with its reply (an error reply fails it)."""
+        waiter: Deferred[Any] = Deferred()
+        self._waiters.append(waiter)
+        self.transport.write(command)
+        return waiter
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        return self.send(encode_command(*args))
+
+    def dataReceived(self, data: bytes, *rest: Any) -> None:
         if self._ready:  # a logged-in connection: what a refused login says is no sign of life
             self.factory.link.last_reply = self.factory.link.clock.seconds()
-        super().dataReceived(data, *rest)
+        try:
+            replies = self._replies.feed(data)
+        except txredisapi.InvalidResponse as error:
+            self.factory.link.connection_failed(error)
+            self.transport.abortConnection()
+            return
+        for reply in replies:
+            self.replyReceived(reply)
+
+    def replyReceived(self, reply: Any) -> None:
+        if not self._waiters:
+            return  # a reply nobody asked for: nothing waits on it
+        waiter = self._waiters.popleft()
+        if waiter.called:
+            return  # timed out or cancelled meanwhile
+        if isinstance(reply, Exception):
+            waiter.errback(reply)
+        else:
+            waiter.callback(reply)
 
     def connectionMade(self) -> None:
         setup = self._setup()
@@ -87,6 +128,8 @@ class _SetupProtocol(txredisapi.RedisProtocol):
             self._told = True
             self.factory.link.connection_failed(why.value)
         super().connectionLost(why)
+        while self._waiters:
+            self.replyReceived(txredisapi.ConnectionError("Lost connection"))
 
 
 class _NeverStops:
@@ -203,6 +246,18 @@ class RedisLink:
             return bool(sockets) and bool(select.select(sockets, [], [], 0)[0])
         except (OSError, ValueError):
             return False
+
+    def ready(self) -> Any:
+        """The first usable connection of the pool, at once; None when there is none right now.
+
+        The same one while it lasts, the others standing by: the requests of a
+        reactor turn then leave in one write and their replies come in one read.
+        """
+        factory = self._factory
+        for conn in factory.pool if factory is not None else ():
+            if conn.connected:
+                return conn
+        return None
 
     def connection(self) -> Deferred[Any]:
         """A usable connection (requests are pipelined on it), or a wait until one is."""

@@ -19,9 +19,6 @@ from twisted_sesscache.exceptions import UnknownKeyError
 from twisted_sesscache.sealing import SealError, Sealer
 from twisted_sesscache.interfaces import ISessionStore
 
-# How long a lookup may take in all when the store keeps its own deadlines: a store may give
-# a request more time while Redis answers but the reactor is too busy to read it (about 1 s).
-BACKSTOP_FACTOR, BACKSTOP_SLACK = 2, 1.25
 COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_lookup_errors", "store_rejected",
             "store_foreign_key", "store_writes")
 
@@ -110,13 +107,10 @@ class SealedRecords:
 
         lookup = read(0)
         # A store that keeps deadlines counts the budget from the moment it sends each
-        # request, so a burst queued behind others is not cut short: ours is only a backstop.
-        # An embedded store (memory, LMDB) has answered already: no timer (~20 µs) to arm.
-        if lookup.called:
-            pass
-        elif self.store.keeps_deadlines:
-            lookup.addTimeout(self.timeout * BACKSTOP_FACTOR + BACKSTOP_SLACK, self._reactor)
-        else:
+        # request, so a burst queued behind others is not cut short, and always answers
+        # (a timeout at the latest): no second timer per lookup. An embedded store (memory,
+        # LMDB) has answered already: no timer (~20 µs) to arm either.
+        if not lookup.called and not self.store.keeps_deadlines:
             lookup.addTimeout(self.timeout, self._reactor)
         return lookup.addCallbacks(found, failed)
 
