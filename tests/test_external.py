@@ -177,8 +177,9 @@ def test_bad_records_never_resume_and_never_crash(
             record = os.urandom(len(record))
         elif corruption in ("other-context", "moved"):
             der = Sealer([KEY]).open(record, kind=b"session", context=record_context(key, sid_context))
-            if corruption == "moved":  # another key's record, copied here (redis-cli COPY ... REPLACE)
-                record = Sealer([KEY]).seal(der, kind=b"session", context=record_context(key[:-2] + b"00", sid_context))
+            if corruption == "moved":  # another key's record (last byte differs), copied here (redis-cli COPY ... REPLACE)
+                elsewhere = key[:-1] + bytes([key[-1] ^ 1])
+                record = Sealer([KEY]).seal(der, kind=b"session", context=record_context(elsewhere, sid_context))
             else:
                 record = Sealer([KEY]).seal(der, kind=b"session", context=record_context(key, b"another listener"))
         else:  # sealed correctly, but not a session OpenSSL accepts

@@ -26,6 +26,12 @@ class ISessionStore(Interface):
         "is sent (a burst queued behind others is not cut short); otherwise callers keep the deadline."
     )
 
+    answers_at_once = Attribute(
+        "True when every Deferred get and take return has already fired (memory, LMDB): OpenSSL's "
+        "get-session callback then asks the store directly, with no ClientHello read or prefetch. "
+        "False for a store that answers later (Redis)."
+    )
+
     def get(key: bytes, timeout: float | None = None) -> Deferred[bytes | None]:
         """The value under ``key``, or None; ``timeout`` as ``keeps_deadlines`` says."""
 

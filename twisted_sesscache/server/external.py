@@ -58,7 +58,7 @@ class ExternalSessions:
         self.records = SealedRecords(store, sealer, SESSION_KIND, timeout=lookup_timeout, reactor=reactor)
         self.runtime = runtime
         # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
-        self.synchronous = bool(getattr(store, "answers_at_once", False))
+        self.synchronous = bool(store.answers_at_once)
         # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
         self._asked: weakref.WeakKeyDictionary[SSL.Connection, int] = weakref.WeakKeyDictionary()
         self._fetched: weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, bytes]] = weakref.WeakKeyDictionary()

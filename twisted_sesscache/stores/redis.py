@@ -46,6 +46,7 @@ class RedisStore:
     log = Logger()
     shared = True
     keeps_deadlines = True  # each request's budget runs from when it is written
+    answers_at_once = False  # replies come later: offered sessions are prefetched from the hello
 
     def __init__(
         self,
