@@ -284,8 +284,12 @@ def test_workers_hit_rate_run_reads_every_worker(bench_dir: Path) -> None:
     loaded = json.loads(results.read_text())
     if "twistd-workers-2" in loaded["unavailable"]:
         pytest.skip(loaded["unavailable"]["twistd-workers-2"])
+    from twisted_sesscache import RUNTIME
+
     (row,) = loaded["hitrate"]
-    assert row["errors"] == 0 and row["resumed"] >= 0.95 * row["offered"] > 0
+    assert row["errors"] == 0 and row["offered"] > 0
+    if RUNTIME.shared:  # under PyPI's wheels each worker resumes only its own sessions (the pool warns)
+        assert row["resumed"] >= 0.95 * row["offered"], row
     assert row["pool"]["workers"] == 2
     assert sum(w["accept"] for w in row["pool"]["per_worker"]) == row["offered"] + row["clients"]
 
