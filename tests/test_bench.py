@@ -321,3 +321,23 @@ def test_make_run_demo_starts_two_workers_and_its_stats_recipe_works(tmp_path: P
         assert [line.split()[:2] for line in printed[1:]] == [["worker", "0"], ["worker", "1"]], printed
     finally:
         processes.stop(demo, timeout=15)
+
+
+def test_lmdb_usage_counts_the_records_and_pages_of_a_store(tmp_path: Path) -> None:
+    """store_bytes' reading of an LMDB store (in the bench a twistd has it open; py-lmdb refuses a second
+    handle on one environment in the same process, so here the store is closed first)."""
+    pytest.importorskip("lmdb")
+    from bench import store_bytes
+    from twisted_sesscache.stores.lmdb import LMDBStore
+
+    path = tmp_path / "sessions"
+    LMDBStore(path, 1000).close()
+    empty = store_bytes.lmdb_usage(path)
+    store = LMDBStore(path, 1000)
+    for i in range(200):
+        store.set(b"key-%03d" % i, b"v" * 250, 300)
+    store.close()
+    filled = store_bytes.lmdb_usage(path)
+    assert filled["entries"] - empty["entries"] == 200
+    assert filled["payload"] - empty["payload"] == 200 * (7 + 8 + 250)  # key, 8-byte expiry, value
+    assert 200 * 250 <= filled["bytes"] - empty["bytes"] <= 200 * 4096
