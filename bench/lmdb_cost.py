@@ -22,7 +22,7 @@ from typing import Any
 from twisted_sesscache.sealing import Sealer
 from twisted_sesscache.stores.lmdb import LMDBStore
 from twisted_sesscache.stores.memory import MemoryStore
-from twisted_sesscache.stores.sealed import SealedRecords
+from twisted_sesscache.stores.sealed import SealedRecords, record_context
 
 RECORD = os.urandom(180)  # a TLS 1.2 server session's DER is 100 to 200 bytes
 
@@ -48,9 +48,10 @@ def key(i: int) -> bytes:
 
 def measure(store: Any, entries: int, count: int) -> dict[str, float]:
     sealer = Sealer([os.urandom(32)])
-    sealed = sealer.seal(RECORD, kind=b"session", context=b"ctx")
+    # A record opens only under the name it was sealed for (record_context), so each key gets its own.
+    sealed = [sealer.seal(RECORD, kind=b"session", context=record_context(key(i), b"ctx")) for i in range(entries)]
     for i in range(entries):
-        store.set(key(i), sealed, 300)
+        store.set(key(i), sealed[i], 300)
     from twisted.internet import reactor  # the real one: its callLater is what a lookup's timeout costs
 
     records = SealedRecords(store, sealer, b"session", timeout=0.05, reactor=reactor)
@@ -60,7 +61,7 @@ def measure(store: Any, entries: int, count: int) -> dict[str, float]:
         "server lookup, hit (SealedRecords.fetch: get + unseal)": per_call(
             lambda i: records.fetch(key(i % entries), b"ctx"), count
         ),
-        "set (at the bound: evicts the oldest)": per_call(lambda i: store.set(key(entries + i), sealed, 300), count),
+        "set (at the bound: evicts the oldest)": per_call(lambda i: store.set(key(entries + i), sealed[i % entries], 300), count),
         "take, hit": per_call(lambda i: store.take(key(entries + i)), count),
     }
     assert records.counts["store_hits"] == 7 * count, records.counts  # the lookups did find their records

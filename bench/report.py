@@ -26,6 +26,7 @@ CEILING = "openssl-s_server"
 # The plugin with a store in this process: OpenSSL's cache, or the memory store behind OpenSSL's callbacks.
 MEMORY_STORES = ("sesscache-memory", "sesscache-memstore", "twistd-sesscache-memory", "twistd-sesscache-memstore")
 REDIS_STORE = "twistd-sesscache-redis"
+WORKER_CONFIGS = ("twistd-workers-1", "twistd-workers-2", "twistd-workers-auto")  # sharing one LMDB store
 KIB = 1024
 CREATION_RATE = 1000  # as in stall.py; kept here so that the report needs no OpenSSL
 
@@ -52,6 +53,7 @@ def machine() -> dict[str, Any]:
         "server_openssl": f"{RUNTIME.version} ({RUNTIME.name})",
         "client_openssl": ssl.OPENSSL_VERSION,
         "nginx": _command_version(["nginx", "-v"]),
+        "haproxy": _command_version(["haproxy", "-v"]),
         "openssl_cli": _command_version(["openssl", "version"]),
         "load_before": _loadavg(),
     }
@@ -216,6 +218,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
                 f"{r['ratio']:.0%} with {r['fleet']} processes" for r in first
             )
         add("fleet hit rate ≥ 99 % for returning clients (needs the Redis store)", missing(REDIS_STORE) + context, "not measured")
+    pooled = [r for r in hits if r.get("pool") and r["pool"]["workers"] > 1]
+    if pooled:
+        worst = min(pooled, key=lambda r: r["ratio"])
+        cross = worst["pool"]["cross_worker"]
+        add("hit rate ≥ 99 % for returning clients across workers (`--workers 2`, LMDB)",
+            f"{worst['ratio']:.1%} (lowest: `{worst['config']}`, TLS {worst['tls']}; "
+            f"{_fmt(cross * 100 if cross is not None else None, '.0f', '%')} answered by another worker)",
+            "pass" if worst["ratio"] >= 0.99 else "miss")  # fmt: skip
     singles = [r for r in hits if r["fleet"] == 1 and r["config"] in MEMORY_STORES]
     if singles:
         worst = min(singles, key=lambda r: r["ratio"])
@@ -246,7 +256,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             add("≤ 1 KiB per cached session, memory store entry (`MemoryStore`)", f"{per:.0f} bytes", "pass" if per <= KIB else "miss")
     else:
         add("≤ 1 KiB per cached session (memory store)", "not available", "not measured")
-    add("Redis bytes per key", missing(REDIS_STORE), "not measured")
+    from bench.report_workers import bytes_per_record
+
+    for store, name in (("redis", "Redis bytes per key"), ("lmdb", "LMDB bytes per record")):
+        measured_bytes = bytes_per_record(results, store)
+        if measured_bytes is None:
+            add(f"≤ 1 KiB per cached session, {name}", "not measured in this run (`--parts bytes`)", "not measured")
+        else:
+            add(f"≤ 1 KiB per cached session, {name}",
+                f"{measured_bytes['bytes_per_record']:.0f} bytes (TLS {measured_bytes['tls']}, "
+                f"{measured_bytes['records']:,} records; payload {measured_bytes['payload_per_record']:.0f})",
+                "pass" if measured_bytes["bytes_per_record"] <= KIB else "miss")  # fmt: skip
     return rows
 
 
@@ -274,6 +294,11 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     out += _targets_section(results)
     out += _throughput_section(results, settings)
     out += _hitrate_section(results)
+    from bench import report_workers  # it builds on this module's helpers
+
+    out += report_workers.workers_section(results)
+    out += report_workers.scaling_section(results)
+    out += report_workers.bytes_section(results)
     out += _stall_section(results)
     out += _notes_section(results)
     return "\n".join(out).rstrip() + "\n"
@@ -298,6 +323,7 @@ def _machine_section(info: dict[str, Any], results: dict[str, Any]) -> list[str]
         ("OpenSSL, servers", str(info.get("server_openssl"))),
         ("OpenSSL, load generator", str(info.get("client_openssl"))),
         ("nginx", str(info.get("nginx"))),
+        ("HAProxy", str(info.get("haproxy", "not recorded"))),
         ("openssl CLI", str(info.get("openssl_cli"))),
         ("load average before / after", f"{info.get('load_before')} / {info.get('load_after', '?')}"),
     ]
@@ -307,7 +333,7 @@ def _machine_section(info: dict[str, Any], results: dict[str, Any]) -> list[str]
 def _targets_section(results: dict[str, Any]) -> list[str]:
     marks = {"pass": "✅ pass", "miss": "❌ miss", "not measured": "– not measured"}
     rows = [(t["target"], t["measured"], marks[t["verdict"]]) for t in targets(results)]
-    return ["## Targets (issue 5)", "", *_table(("target", "measured", "verdict"), rows)]
+    return ["## Targets (issues 5 and 11)", "", *_table(("target", "measured", "verdict"), rows)]
 
 
 def _throughput_section(results: dict[str, Any], settings: dict[str, Any]) -> list[str]:
@@ -382,12 +408,20 @@ def _hitrate_section(results: dict[str, Any]) -> list[str]:
         "is the Redis store's job.",
         "",
     ]
+    shared = (REDIS_STORE, *WORKER_CONFIGS)  # a session resumes on any of their processes
     table = [
-        (f"`{r['config']}`", str(r["fleet"]), r["tls"], f"{r['resumed']} / {r['offered']}", f"{r['ratio']:.1%}",
-         f"{1 / r['fleet']:.0%}" if r["config"] != REDIS_STORE else "100%", str(r["errors"]))
+        (f"`{r['config']}`", str(r["fleet"]) if "pool" not in r else f"1 ({r['pool']['workers']} workers)", r["tls"],
+         f"{r['resumed']} / {r['offered']}", f"{r['ratio']:.1%}",
+         f"{1 / r['fleet']:.0%}" if r["config"] not in shared else "100%",
+         _fmt(r["pool"]["cross_worker"] * 100 if r.get("pool") and r["pool"]["cross_worker"] is not None else None, ".0f", "%"),
+         str(r["errors"]))
         for r in rows
-    ]
-    out += _table(("server", "processes", "TLS", "resumed / offered", "hit rate", "expected", "errors"), table, "lrlrrrr")
+    ]  # fmt: skip
+    out += _table(("server", "processes", "TLS", "resumed / offered", "hit rate", "expected", "from another worker", "errors"),
+                  table, "lrlrrrrr")  # fmt: skip
+    if any("pool" in r for r in rows):
+        out += ["*From another worker*: for `twistd sesscache --workers N`, the share of resumptions a worker "
+                "answered from the LMDB store, not from its own OpenSSL cache (see the workers section).", ""]
     return out
 
 
@@ -476,7 +510,10 @@ NOTES = """\
   it answers through twisted.web (its status-page resource, for which `/ok` is a small 404) and
   writes an access-log line per request. Its rows include that web and logging work, which is
   Twisted's; `sesscache-memory` is the like-for-like comparison with bare Twisted.
-- **nginx runs one worker** so that it uses one core like the one-process servers.
+- **nginx runs one worker** so that it uses one core like the one-process servers; `nginx-2`
+  (two workers, one `ssl_session_cache shared:` zone) and `haproxy` (`nbthread 2`, its own
+  session cache, answering `http-request return status 200` itself, like nginx's `return 200`)
+  are the anchors for `twistd sesscache --workers 2`.
 """
 
 
@@ -608,7 +645,8 @@ def chart(results: dict[str, Any], path: Path) -> str | None:
         return None
     columns = min(2, len(cells))
     rows = (len(cells) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.8 * rows), squeeze=False)
+    width_each = max(6.5, 0.45 * len(names))  # room for every configuration's label
+    figure, axes = plt.subplots(rows, columns, figsize=(width_each * columns, 3.8 * rows), squeeze=False)
     width = 0.38
     for index, (key, tls) in enumerate(cells):
         axis = axes[index // columns][index % columns]

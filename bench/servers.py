@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from bench import processes
+from bench import pool, processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,11 +35,13 @@ class Launch:
     port: int
     index: int = 0
     helper_ports: dict[str, int] = field(default_factory=dict)
+    stats_port: int = 0
 
     def fill(self, template: str) -> str:
-        """``{port}``, ``{cert}``, ``{key}``, ``{dir}``, ``{index}``, ``{python}`` and helper ports."""
+        """``{port}``, ``{stats}``, ``{cert}``, ``{key}``, ``{dir}``, ``{index}``, ``{python}`` and helper ports."""
         return template.format(
             port=self.port,
+            stats=self.stats_port,
             cert=self.certificate,
             key=self.private_key,
             dir=self.workdir,
@@ -68,7 +71,12 @@ class Helper:
 
 @dataclass(frozen=True)
 class Config:
-    """One server configuration: ``copies`` processes, the client alternating between them."""
+    """One server configuration: ``copies`` processes, the client alternating between them.
+
+    ``stats``: the command serves ``/stats.json`` on ``{stats}`` (``twistd sesscache --stats``),
+    which the bench reads before and after each run (per-worker counts, bench/pool.py).
+    ``quick``: ``--quick`` measures it too (unless named by ``--only``, the full run only).
+    """
 
     name: str
     label: str
@@ -76,6 +84,8 @@ class Config:
     copies: int = 1
     helpers: tuple[Helper, ...] = ()
     needs: tuple[Check, ...] = ()
+    stats: bool = False
+    quick: bool = True
 
     def unavailable(self) -> str | None:
         """Why this configuration cannot run here, or None when it can."""
@@ -134,7 +144,7 @@ def twistd_sesscache(*extra: str) -> Command:
 
 
 NGINX_CONF = """\
-worker_processes 1;
+worker_processes {workers};
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
@@ -158,16 +168,56 @@ http {{
 """
 
 
-def nginx(launch: Launch) -> list[str]:
-    """nginx with one worker (like the one-process servers) and a shared session cache."""
-    directory = launch.workdir / f"nginx-{launch.index}"
-    directory.mkdir(parents=True, exist_ok=True)
-    conf = directory / "nginx.conf"
-    conf.write_text(launch.fill(NGINX_CONF.replace("{dir}", str(directory))))
-    return [
-        "nginx", "-e", "stderr", "-p", str(directory), "-c", str(conf),
-        "-g", f"daemon off; pid {directory}/nginx.pid; error_log stderr;",
-    ]  # fmt: skip
+def nginx(workers: int = 1) -> Command:
+    """nginx with ``workers`` worker processes sharing one session cache (``ssl_session_cache shared:``)."""
+
+    def command(launch: Launch) -> list[str]:
+        directory = launch.workdir / f"nginx-{launch.index}"
+        directory.mkdir(parents=True, exist_ok=True)
+        conf = directory / "nginx.conf"
+        text = NGINX_CONF.replace("{dir}", str(directory)).replace("{workers}", str(workers))
+        conf.write_text(launch.fill(text))
+        return [
+            "nginx", "-e", "stderr", "-p", str(directory), "-c", str(conf),
+            "-g", f"daemon off; pid {directory}/nginx.pid; error_log stderr;",
+        ]  # fmt: skip
+
+    return command
+
+
+HAPROXY_CONF = """\
+global
+    nbthread {threads}
+    tune.ssl.cachesize 20480
+    tune.ssl.lifetime 300
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend tls
+    bind 127.0.0.1:{port} ssl crt {pem} ssl-min-ver TLSv1.2 no-tls-tickets
+    http-request return status 200 content-type text/plain string "ok"
+"""
+
+
+def haproxy(threads: int = 2) -> Command:
+    """HAProxy terminating TLS with ``threads`` threads and its own session cache, answering 200 itself.
+
+    ``http-request return`` answers without a backend, like nginx's ``return 200``;
+    tickets off and a 300 s session lifetime, as for the other servers.
+    """
+
+    def command(launch: Launch) -> list[str]:
+        directory = launch.workdir / f"haproxy-{launch.index}"
+        directory.mkdir(parents=True, exist_ok=True)
+        pem = directory / "server.pem"  # HAProxy wants the certificate and its key in one file
+        pem.write_bytes(launch.certificate.read_bytes() + launch.private_key.read_bytes())
+        conf = directory / "haproxy.cfg"
+        conf.write_text(HAPROXY_CONF.format(threads=threads, port=launch.port, pem=pem))
+        return ["haproxy", "-db", "-f", str(conf)]
+
+    return command
 
 
 def s_server(launch: Launch) -> list[str]:
@@ -205,6 +255,23 @@ REDIS = Helper(
     needs=(executable("redis-server"),),
 )
 TWISTD = importable("twisted_sesscache.tap")
+WORKERS = (TWISTD, twistd_option("--workers"), twistd_option("--stats"))
+# Every worker configuration serves /stats.json, for the per-worker counts (bench/pool.py).
+STATS = ("--stats", "tcp:{stats}:interface=127.0.0.1")
+
+
+def pinned(config: Config, cpus: str) -> Config:
+    """``config`` under ``taskset -c cpus``: the server and every process it starts stay on those CPUs."""
+    return Config(
+        f"{config.name}@cpu{cpus}",
+        f"{config.label}, taskset -c {cpus}",
+        lambda launch: ["taskset", "-c", cpus, *config.command(launch)],
+        config.copies,
+        config.helpers,
+        (*config.needs, executable("taskset")),
+        config.stats,
+        config.quick,
+    )
 
 
 # The configurations, in report order. A new one is one line here.
@@ -219,10 +286,20 @@ CONFIGS: tuple[Config, ...] = (
     Config("twistd-sesscache-lmdb", "twistd sesscache --store lmdb:DIR", twistd_sesscache("--store", "lmdb:{dir}/lmdb-{index}", "--store-key-file", "{dir}/store-{index}.key"), needs=(TWISTD, importable("lmdb"))),
     Config("twistd-sesscache-redis", "twistd sesscache --store redis, 2 processes", twistd_sesscache("--store", "redis://127.0.0.1:{redis}/0", "--store-key-file", "{dir}/store.key"), copies=2, helpers=(REDIS,), needs=(TWISTD, twistd_option("--store"))),
     Config("twistd-sesscache-redis-1", "twistd sesscache --store redis, 1 process", twistd_sesscache("--store", "redis://127.0.0.1:{redis}/0", "--store-key-file", "{dir}/store.key"), helpers=(REDIS,), needs=(TWISTD, twistd_option("--store"))),
-    Config("nginx", "nginx 1 worker, ssl_session_cache shared", nginx, needs=(executable("nginx"),)),
+    Config("twistd-workers-1", "twistd sesscache --workers 1 --store lmdb", twistd_sesscache("--workers", "1", "--store", "lmdb:{dir}/sessions-{index}", "--store-key-file", "{dir}/store-{index}.key", *STATS), needs=WORKERS, stats=True),
+    Config("twistd-workers-2", "twistd sesscache --workers 2 (lmdb, the default)", twistd_sesscache("--workers", "2", *STATS), needs=WORKERS, stats=True),
+    Config("twistd-workers-auto", f"twistd sesscache --workers auto ({os.cpu_count()} here)", twistd_sesscache("--workers", "auto", *STATS), needs=WORKERS, stats=True, quick=False),
+    Config("nginx", "nginx 1 worker, ssl_session_cache shared", nginx(1), needs=(executable("nginx"),)),
+    Config("nginx-2", "nginx 2 workers, ssl_session_cache shared", nginx(2), needs=(executable("nginx"),), quick=False),
+    Config("haproxy", "HAProxy nbthread 2, its own session cache", haproxy(2), needs=(executable("haproxy"),), quick=False),
     Config("openssl-s_server", "openssl s_server (ceiling)", s_server, needs=(executable("openssl"),)),
 )
 BY_NAME = {config.name: config for config in CONFIGS}
+# How throughput scales with cores: one and two workers, pinned to one CPU and to two.
+SCALING_CPUS = ("0", "0,1")
+SCALING: tuple[Config, ...] = tuple(
+    pinned(BY_NAME[name], cpus) for cpus in SCALING_CPUS for name in ("twistd-workers-1", "twistd-workers-2")
+)
 
 
 # -- processes ----------------------------------------------------------------------
@@ -250,10 +327,21 @@ class Running:
     config: Config
     ports: tuple[int, ...]
     processes: list[subprocess.Popen[bytes]]
+    stats_ports: tuple[int, ...] = ()  # one per copy when the configuration serves /stats.json
+    helper_ports: dict[str, int] = field(default_factory=dict)
+    workdir: Path | None = None
 
     def cpu_seconds(self) -> float:
         """User + system CPU of every live process in the configuration's process groups."""
         return sum(group_cpu_seconds(process.pid) for process in self.processes)
+
+    def leader_cpu_seconds(self) -> float:
+        """User + system CPU of the first process of each copy alone (a pool's supervisor)."""
+        return sum(process_cpu_seconds(process.pid) for process in self.processes)
+
+    def stats(self) -> list[dict[str, Any] | None]:
+        """Each copy's ``/stats.json`` now (empty when the configuration serves none)."""
+        return pool.snapshots(self.stats_ports)
 
 
 @contextmanager
@@ -275,16 +363,31 @@ def running(
             launch = Launch(certificate, private_key, workdir, port)
             stack.enter_context(started(helper.command(launch), port, workdir, helper.name))
             helper_ports[helper.name] = port
-        ports, children = [], []
+        ports, children, stats_ports = [], [], []
         for index in range(copies):
             port = processes.free_port()
-            launch = Launch(certificate, private_key, workdir, port, index, helper_ports)
+            stats_port = processes.free_port() if config.stats else 0
+            launch = Launch(certificate, private_key, workdir, port, index, helper_ports, stats_port)
             children.append(stack.enter_context(started(config.command(launch), port, workdir, f"{config.name}-{index}")))
             ports.append(port)
-        yield Running(config, tuple(ports), children)
+            if config.stats:
+                processes.wait_for_port(stats_port, children[-1], workdir / f"{config.name}-{index}.log")
+                if not pool.wait_ready(stats_port):
+                    raise processes.ServerFailed(f"its workers did not all answer within {pool.READY_TIMEOUT:.0f} s")
+                stats_ports.append(stats_port)
+        yield Running(config, tuple(ports), children, tuple(stats_ports), helper_ports, workdir)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of one live process (Linux /proc), 0 when it is gone or elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -303,10 +406,10 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / _CLOCK_TICKS
 
 
-def select(names: Sequence[str] | None) -> list[Config]:
-    """The configurations named (all when None), in report order; unknown names are an error."""
+def select(names: Sequence[str] | None, quick: bool = False) -> list[Config]:
+    """The configurations named (all when None, or those marked ``quick``), in report order; unknown names are an error."""
     if not names:
-        return list(CONFIGS)
+        return [c for c in CONFIGS if c.quick or not quick]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise SystemExit(f"unknown configuration(s): {', '.join(unknown)}; known: {', '.join(BY_NAME)}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import processes, profiling, report, servers
+from bench import pool, processes, profiling, report, report_workers, servers
 from bench.__main__ import _available
 
 SUBSET = ("twisted-default", "twisted-sessions", "sesscache-memory", "openssl-s_server")
@@ -164,3 +164,180 @@ def test_profile_samples_are_charged_to_their_owner() -> None:
     assert profiling.owner([twisted, passthrough, handshake]) == "pyOpenSSL + OpenSSL"
     assert profiling.owner([twisted, sealing, aead]) == "twisted-sesscache"
     assert profiling.owner(["EPollReactor.doPoll (twisted/internet/epollreactor.py:1)"]) == "Twisted"
+
+
+# -- workers: /stats.json differences, the report's sections, the anchors' command lines ---------
+
+
+def _worker(index: int, pid: int, accept: int, hits: int, cb_hits: int) -> dict[str, Any]:
+    return {"worker": index, "pid": pid, "accept": accept, "hits": hits, "cb_hits": cb_hits, "misses": 0}
+
+
+def test_pool_difference_counts_each_worker_between_snapshots() -> None:
+    before = {"workers": 2, "per_worker": [_worker(0, 10, 5, 2, 0), _worker(1, 11, 5, 1, 1)]}
+    after = {"workers": 2, "per_worker": [_worker(0, 10, 105, 82, 30), _worker(1, 12, 60, 40, 20)]}  # worker 1 replaced
+    counted = pool.difference(before, after)
+    assert counted is not None
+    assert [w["accept"] for w in counted["per_worker"]] == [100, 60]  # the new worker 1 counts from zero
+    assert counted["hits"] == 120 and counted["cb_hits"] == 50
+    assert counted["cross_worker"] == pytest.approx(50 / 120)
+    assert counted["busiest_share"] == pytest.approx(100 / 160)
+    single = pool.difference({"accept": 3, "hits": 1}, {"accept": 13, "hits": 9})  # --workers 1: no per_worker
+    assert single is not None and single["workers"] == 1 and single["hits"] == 8
+    assert pool.difference(before, None) is None
+    assert pool.combined([None, counted, single])["workers"] == 3  # type: ignore[index]
+
+
+def _rows(config: str, full: float, resumed: float, cpu: float, cross: float | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for mode, rate in (("full", full), ("resumed", resumed)):
+        row: dict[str, Any] = {"config": config, "label": config, "key": "rsa", "tls": "1.3", "mode": mode, "rate": rate,
+                               "connections": 1000, "resumption_ratio": 1.0, "errors": 0, "first_error": "",
+                               "server_cpu_ms": cpu * (2 if mode == "full" else 1), "client_cpu_ms": 1.0}  # fmt: skip
+        if cross is not None:
+            hits = 600 if mode == "resumed" else 0
+            workers = [_worker(0, 1, 500, hits // 2, int(hits * cross / 2)), _worker(1, 2, 500, hits // 2, int(hits * cross / 2))]
+            row.update(pool=pool.summarise([{**w, **dict.fromkeys(pool.COUNTS[3:], 0)} for w in workers]), leader_cpu_ms=0.1)
+        rows.append(row)
+    return rows
+
+
+def test_workers_section_shows_the_split_the_cross_worker_share_and_the_ratio() -> None:
+    results = {"throughput": [*_rows("twistd-workers-1", 300, 600, 1.0), *_rows("twistd-workers-2", 450, 900, 1.1, 0.5),
+                              *_rows("nginx-2", 900, 2000, 0.3)]}  # fmt: skip
+    text = "\n".join(report_workers.workers_section(results))
+    assert "`twistd-workers-2` | 450 | 900 |" in text
+    assert "| 50/50 | 50% |" in text
+    assert "resumed 1.50×" in text and "full 1.50×" in text
+    assert "`nginx-2`" in text
+    assert report_workers.workers_section({"throughput": _rows("nginx-2", 1, 2, 0.3)}) == []
+
+
+def test_scaling_section_gives_the_ratio_per_cpu_set_and_labels_the_expectation() -> None:
+    scaling = []
+    for cpus, one, two in (("0", 500, 450), ("0,1", 520, 700)):
+        scaling += _rows(f"twistd-workers-1@cpu{cpus}", one / 2, one, 1.0) + _rows(f"twistd-workers-2@cpu{cpus}", two / 2, two, 1.2)
+    results = {"scaling": scaling, "throughput": _rows("twistd-workers-2", 450, 900, 1.1, 0.5),
+               "lmdb_cost": {"set (at the bound: evicts the oldest)": 10.0}}  # fmt: skip
+    text = "\n".join(report_workers.scaling_section(results))
+    assert "| `taskset -c 0` | 250 | 500 | 225 | 450 | 0.90× | 0.90× |" in text
+    assert "| `taskset -c 0,1` |" in text and "1.35×" in text
+    assert "Expected on 16 cores" in text and "not measured" in text
+    assert "100,000 new sessions/s" in text  # 1 / 10 µs
+    assert report_workers.scaling_section({}) == []
+
+
+def test_bytes_per_session_are_reported_and_judged() -> None:
+    results = {"bytes": [
+        {"store": "lmdb", "config": "twistd-workers-1", "tls": "1.2", "connections": 2000, "errors": 0, "records": 2000,
+         "bytes_per_record": 614.0, "payload_per_record": 284.0},
+        {"store": "redis", "config": "twistd-sesscache-redis", "unavailable": "`redis-server` is not installed"},
+    ]}  # fmt: skip
+    text = "\n".join(report_workers.bytes_section(results))
+    assert "| lmdb | 1.2 | 2,000 | 2,000 | 614 | 284 |" in text
+    assert "not available: `redis-server` is not installed" in text
+    verdicts = {t["target"]: t for t in report.targets(results)}
+    assert verdicts["≤ 1 KiB per cached session, LMDB bytes per record"]["verdict"] == "pass"
+    assert verdicts["≤ 1 KiB per cached session, Redis bytes per key"]["verdict"] == "not measured"
+
+
+def test_hit_rate_across_workers_is_a_target() -> None:
+    counted = pool.summarise([{**_worker(0, 1, 300, 260, 130), **dict.fromkeys(pool.COUNTS[3:], 0)},
+                              {**_worker(1, 2, 300, 260, 130), **dict.fromkeys(pool.COUNTS[3:], 0)}])  # fmt: skip
+    results = {"hitrate": [{"config": "twistd-workers-2", "fleet": 1, "tls": "1.3", "clients": 60, "visits": 10,
+                            "offered": 540, "resumed": 540, "errors": 0, "ratio": 1.0, "pool": counted}]}  # fmt: skip
+    verdicts = {t["target"]: t for t in report.targets(results)}
+    target = verdicts["hit rate ≥ 99 % for returning clients across workers (`--workers 2`, LMDB)"]
+    assert target["verdict"] == "pass" and "50% answered by another worker" in target["measured"]
+    assert "| `twistd-workers-2` | 1 (2 workers) | 1.3 | 540 / 540 | 100.0% | 100% | 50% | 0 |" in report.markdown(results, None)
+
+
+def test_anchor_and_pinned_command_lines(tmp_path: Path) -> None:
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.write_text("CERT\n")
+    key.write_text("KEY\n")
+    launch = servers.Launch(certificate, key, tmp_path, 4433)
+    command = servers.BY_NAME["haproxy"].command(launch)
+    assert command[:2] == ["haproxy", "-db"]
+    config = Path(command[-1]).read_text()
+    assert "nbthread 2" in config and "http-request return status 200" in config and "no-tls-tickets" in config
+    assert (tmp_path / "haproxy-0" / "server.pem").read_text() == "CERT\nKEY\n"  # HAProxy's one-file crt
+    servers.BY_NAME["nginx-2"].command(launch)
+    assert "worker_processes 2;" in (tmp_path / "nginx-0" / "nginx.conf").read_text()
+    pinned = servers.pinned(servers.BY_NAME["twistd-workers-2"], "0,1")
+    assert pinned.name == "twistd-workers-2@cpu0,1" and pinned.stats
+    assert pinned.command(servers.Launch(certificate, key, tmp_path, 4433, stats_port=9))[:3] == ["taskset", "-c", "0,1"]
+    assert [c.name for c in servers.SCALING] == [f"twistd-workers-{n}@cpu{c}" for c in ("0", "0,1") for n in (1, 2)]
+
+
+@pytest.mark.slow
+def test_workers_hit_rate_run_reads_every_worker(bench_dir: Path) -> None:
+    """Returning clients against --workers 2: each worker's counts come back from /stats.json."""
+    directory = bench_dir / "workers"
+    results = directory / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "twistd-workers-2", "--parts", "hitrate",
+         "--json", str(results), "--output", str(directory / "benchmarks.md"), "--no-chart"],
+        capture_output=True, text=True, timeout=300, env=servers.child_environment(), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(results.read_text())
+    if "twistd-workers-2" in loaded["unavailable"]:
+        pytest.skip(loaded["unavailable"]["twistd-workers-2"])
+    from twisted_sesscache import RUNTIME
+
+    (row,) = loaded["hitrate"]
+    assert row["errors"] == 0 and row["offered"] > 0
+    if RUNTIME.shared:  # under PyPI's wheels each worker resumes only its own sessions (the pool warns)
+        assert row["resumed"] >= 0.95 * row["offered"], row
+    assert row["pool"]["workers"] == 2
+    assert sum(w["accept"] for w in row["pool"]["per_worker"]) == row["offered"] + row["clients"]
+
+
+@pytest.mark.slow
+def test_make_run_demo_starts_two_workers_and_its_stats_recipe_works(tmp_path: Path) -> None:
+    """scripts/run-demo.sh as `make run` runs it: the banner's recipes work against what it starts."""
+    from twisted_sesscache import RUNTIME
+    from twisted_sesscache.status import SESSION_FILE
+
+    if not RUNTIME.shared:
+        pytest.skip("make run uses the shared-OpenSSL runtime (its --flush-interval and shared sessions need it)")
+    port, stats = processes.free_port(), processes.free_port()
+    env = {**servers.child_environment(), "SESSCACHE_PORT": str(port), "SESSCACHE_STATS_PORT": str(stats)}
+    log = tmp_path / "demo.log"
+    demo = processes.spawn(["bash", str(servers.REPO / "scripts" / "run-demo.sh"), str(Path(sys.executable).parents[1])],
+                           log, cwd=servers.REPO, env=env)  # fmt: skip
+    try:
+        processes.wait_for_port(stats, demo, log)
+        assert pool.wait_ready(stats), processes.tail(log)
+        banner = log.read_text()
+        watch = [line.strip().replace(SESSION_FILE, str(tmp_path / "s.pem")) for line in banner.splitlines()
+                 if "openssl s_client" in line and line.startswith("  ")]  # fmt: skip
+        said = [subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30).stdout for line in watch[:2]]
+        assert said[0].startswith("New,") and said[1].startswith("Reused,"), said
+        (recipe,) = [line.strip() for line in banner.splitlines() if line.strip().startswith("curl -s")]
+        printed = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, timeout=30).stdout.splitlines()
+        assert printed[0].startswith("2 workers,"), printed
+        assert [line.split()[:2] for line in printed[1:]] == [["worker", "0"], ["worker", "1"]], printed
+    finally:
+        processes.stop(demo, timeout=15)
+
+
+def test_lmdb_usage_counts_the_records_and_pages_of_a_store(tmp_path: Path) -> None:
+    """store_bytes' reading of an LMDB store (in the bench a twistd has it open; py-lmdb refuses a second
+    handle on one environment in the same process, so here the store is closed first)."""
+    pytest.importorskip("lmdb")
+    from bench import store_bytes
+    from twisted_sesscache.stores.lmdb import LMDBStore
+
+    path = tmp_path / "sessions"
+    LMDBStore(path, 1000).close()
+    empty = store_bytes.lmdb_usage(path)
+    store = LMDBStore(path, 1000)
+    for i in range(200):
+        store.set(b"key-%03d" % i, b"v" * 250, 300)
+    store.close()
+    filled = store_bytes.lmdb_usage(path)
+    assert filled["entries"] - empty["entries"] == 200
+    assert filled["payload"] - empty["payload"] == 200 * (7 + 8 + 250)  # key, 8-byte expiry, value
+    assert 200 * 250 <= filled["bytes"] - empty["bytes"] <= 200 * 4096
