@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,7 +71,18 @@ def pairs(port: int, tmp: Path, tls: str, count: int) -> int:
 
 def test_worker_counts() -> None:
     assert worker_count("1") == 1 and worker_count("4") == 4 and worker_count(None) == 1
-    assert worker_count("auto") == (os.cpu_count() or 1)
+    assert worker_count("auto") == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_auto_counts_the_cpus_taskset_leaves() -> None:
+    """As nginx's ``worker_processes auto``: a process pinned to one CPU starts one worker."""
+    done = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c",
+         "from twisted_sesscache.workers import worker_count; print(worker_count('auto'))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "1", done
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", ""])

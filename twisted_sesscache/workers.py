@@ -51,13 +51,21 @@ FIRST_BACKOFF, MAX_BACKOFF, YOUNG = 0.25, 30.0, 10.0  # seconds
 DEFAULT_STORE_NAME = "sessions"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: ``taskset`` and cgroup cpusets narrow it, as nginx's ``auto`` does."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def worker_count(text: str | int | None) -> int:
-    """``--workers``: a whole number of at least 1, or ``auto`` (one per CPU)."""
+    """``--workers``: a whole number of at least 1, or ``auto`` (one per CPU this process may run on)."""
     if text is None or isinstance(text, int):
         return text or 1
     word = text.strip().lower()
     if word == "auto":
-        return os.cpu_count() or 1
+        return usable_cpus()
     try:
         count = int(word)
     except ValueError:
