@@ -48,7 +48,7 @@ $(SHARED)/.bench: $(SHARED)/.ready
 
 # The full run rewrites docs/benchmarks.md (and its chart); the quick one writes build/bench-quick/.
 bench: $(SHARED)/.bench
-	$(SHARED)/bin/python -m bench
+	$(SHARED)/bin/python -m bench --json docs/benchmarks.json
 
 bench-quick: $(SHARED)/.bench
 	$(SHARED)/bin/python -m bench --quick
