@@ -283,6 +283,8 @@ class RedisLink:
             return
         self.connect_failures += 1
         self._last_error = _describe(error)
+        if self.ready() is None:  # nothing left that answers: down now, not a probe timeout later
+            self._went_down()
 
     def close(self) -> Deferred[Any]:
         self.closing = True
