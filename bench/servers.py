@@ -281,6 +281,8 @@ CONFIGS: tuple[Config, ...] = (
     Config("sesscache-memory", "SessionCache(), OpenSSL's cache", bench_server("sesscache")),
     Config("sesscache-memstore", "SessionCache(store=MemoryStore())", bench_server("sesscache-memstore")),
     Config("sesscache-lmdb", "SessionCache(store='lmdb:DIR')", bench_server("sesscache-lmdb", "--store-dir", "{dir}/lmdb-{index}"), needs=(importable("lmdb"),)),
+    Config("sesscache-redis", "SessionCache(store='redis://…'), 2 processes", bench_server("sesscache-redis", "--store-dir", "{dir}", "--store-url", "redis://127.0.0.1:{redis}/0"), copies=2, helpers=(REDIS,)),
+    Config("sesscache-redis-1", "SessionCache(store='redis://…'), 1 process", bench_server("sesscache-redis", "--store-dir", "{dir}", "--store-url", "redis://127.0.0.1:{redis}/0"), helpers=(REDIS,)),
     Config("twistd-sesscache-memory", "twistd sesscache", twistd_sesscache(), needs=(TWISTD,)),
     Config("twistd-sesscache-memstore", "twistd sesscache --store memory", twistd_sesscache("--store", "memory"), needs=(TWISTD, twistd_option("--store"))),
     Config("twistd-sesscache-lmdb", "twistd sesscache --store lmdb:DIR", twistd_sesscache("--store", "lmdb:{dir}/lmdb-{index}", "--store-key-file", "{dir}/store-{index}.key"), needs=(TWISTD, importable("lmdb"))),

@@ -1,4 +1,4 @@
-"""A tiny Twisted TLS server, one of three configurations, for the bench to start as a subprocess.
+"""A tiny Twisted TLS server in one of its configurations, for the bench to start as a subprocess.
 
 Run as ``python -m bench.tlsserver CONFIG --port N --certificate C
 --private-key K``. Every request gets the same small HTTP/1.0 answer and a clean
@@ -18,7 +18,7 @@ from twisted.internet import protocol
 
 BODY = b"ok\n"
 ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\n" + BODY
-CONFIGS = ("default", "sessions", "sesscache", "sesscache-memstore", "sesscache-lmdb")
+CONFIGS = ("default", "sessions", "sesscache", "sesscache-memstore", "sesscache-lmdb", "sesscache-redis")
 
 
 def rss_bytes() -> int:
@@ -52,10 +52,14 @@ class Answer(protocol.Protocol):
         transport.loseConnection()
 
 
-def make_creator(config: str, certificate: str, private_key: str, store_dir: str = ".") -> tuple[Any, Any]:
+def make_creator(
+    config: str, certificate: str, private_key: str, store_dir: str = ".", store_url: str = ""
+) -> tuple[Any, Any]:
     """The connection creator for ``config`` and the SessionCache behind it (or None).
 
-    ``store_dir``: where ``sesscache-lmdb`` keeps its environment and key file.
+    ``store_dir``: where ``sesscache-lmdb`` keeps its environment and the key
+    file (``sesscache-redis`` its key file, shared by the processes that share
+    ``store_url``).
     """
     from twisted_sesscache.certs import certificate_options
 
@@ -82,6 +86,13 @@ def make_creator(config: str, certificate: str, private_key: str, store_dir: str
         cache = SessionCache(store=f"lmdb:{os.path.join(store_dir, 'lmdb')}",
                              store_key_file=os.path.join(store_dir, "store.key"))
         return cache.server_context_factory(certificate_options(certificate, private_key)), cache
+    if config == "sesscache-redis":
+        import os
+
+        from twisted_sesscache import SessionCache
+
+        cache = SessionCache(store=store_url, store_key_file=os.path.join(store_dir, "store.key"))
+        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
     raise ValueError(f"unknown configuration {config!r}; expected one of {', '.join(CONFIGS)}")
 
 
@@ -91,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--certificate", required=True)
     parser.add_argument("--private-key", required=True)
-    parser.add_argument("--store-dir", default=".", help="sesscache-lmdb: directory of the store and its key")
+    parser.add_argument("--store-dir", default=".", help="sesscache-lmdb, -redis: directory of the store's key")
+    parser.add_argument("--store-url", default="", help="sesscache-redis: redis://HOST:PORT/DB")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor as installed
 
     reactor: Any = installed
-    creator, cache = make_creator(args.config, args.certificate, args.private_key, args.store_dir)
+    creator, cache = make_creator(args.config, args.certificate, args.private_key, args.store_dir, args.store_url)
     factory = protocol.Factory.forProtocol(Answer)
 
     def stats() -> dict[str, Any]:
