@@ -21,6 +21,7 @@ from twisted_sesscache.tls.clienthello import (
     ClientHelloError,
     ClientHelloReader,
     parse_client_hello,
+    peek_session_id,
 )
 
 SETTINGS = settings(
@@ -246,6 +247,31 @@ def test_fragmented_hello_round_trips(spec: Spec, data: st.DataObject) -> None:
     assert parse_client_hello(stream[: hello_end - 1]) is None
     for k in [*range(min(hello_end, 12)), *chunk_points(data.draw, len(stream))]:
         assert parse_client_hello(stream[:k]) == (expected if k >= hello_end else None), k
+
+
+@SETTINGS
+@given(spec=specs(), data=st.data())
+def test_a_peek_at_the_session_id_is_the_parsed_one_or_none(spec: Spec, data: st.DataObject) -> None:
+    """The look at a fixed place never names another session than the whole hello does."""
+    msg = spec.message()
+    sizes = data.draw(fragment_sizes(len(msg)))
+    stream, _ = wrap(msg, sizes)
+    peeked = peek_session_id(stream[: data.draw(st.integers(0, len(stream)))])
+    assert peeked is None or peeked == spec.session_id
+    if sizes[0] >= 4 + 2 + 32 + 1 + len(spec.session_id) and spec.session_id:
+        assert peek_session_id(stream) == spec.session_id  # the usual case: one record holds it
+
+
+def test_a_peek_answers_none_for_what_is_not_a_plain_hello() -> None:
+    session_id = bytes(range(32))
+    body = b"\x03\x03" + bytes(32) + bytes([32]) + session_id + b"\x00\x02\x13\x01\x01\x00"
+    hello = record(handshake(1, body))
+    assert peek_session_id(hello) == session_id
+    assert peek_session_id(hello[:-len(body) + 34 + 16]) is None  # the ID cut short
+    assert peek_session_id(record(handshake(1, b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01\x01\x00"))) is None
+    assert peek_session_id(record(handshake(2, body))) is None  # not a ClientHello
+    assert peek_session_id(record(handshake(1, body), content_type=23)) is None
+    assert peek_session_id(sslv2_hello(0x0303, b"\x00\x00\x2f", session_id[:16], bytes(16))) is None
 
 
 @SETTINGS

@@ -132,6 +132,9 @@ class _ClientHandshake:
         """Server side only; client connections do not read a ClientHello."""
         return None
 
+    def holds_session(self, connection: WatchedConnection, session_id: bytes) -> bool:
+        return False
+
     def handshake_started(self, connection: WatchedConnection) -> Deferred[None] | None:
         cache = self.cache
         cache.count("connect")

@@ -127,6 +127,10 @@ class ServerContexts:
             tls13=self._tls13.get(id(context), True),
         )
 
+    def holds_session(self, connection: WatchedConnection, session_id: bytes) -> bool:
+        external = self._external()
+        return external is not None and external.holds(connection.get_context(), session_id)
+
     def handshake_started(self, connection: WatchedConnection) -> None:
         self.observed["accept"] += 1
 

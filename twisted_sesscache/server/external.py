@@ -12,8 +12,9 @@ A store that answers at once (``answers_at_once``: the memory and LMDB
 stores) needs none of that: OpenSSL's callback asks it directly, and only for
 the sessions OpenSSL's own cache does not hold, so the hello is not read.
 For a store that answers later, the sessions OpenSSL's own cache holds are
-not fetched either: each context keeps the IDs its new-session callback saw
-and its remove callback has not taken back.
+not fetched either: each context keeps the IDs its new-session callback saw,
+and those its get-session callback answered (OpenSSL adds them to its own
+cache), that its remove callback has not taken back.
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ class ExternalSessions:
             if self.synchronous:
                 return self._lookup_now(connection, sid_context, session_id)
             fetched = self._fetched.get(connection)
-            return fetched.get(session_id) if fetched else None
+            der = fetched.get(session_id) if fetched else None
+            if der is not None and held is not None and _never_switched(context):
+                held.add(session_id)  # OpenSSL adds what this returns to its own cache: not fetched again
+            return der
 
         self.runtime.set_session_callbacks(context, new=on_new, remove=on_remove, get=on_get)
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from twisted_sesscache.exceptions import ClientHelloError
 
-__all__ = ["MAX_HELLO_BYTES", "ClientHello", "ClientHelloError", "ClientHelloReader", "parse_client_hello"]
+__all__ = [
+    "MAX_HELLO_BYTES", "ClientHello", "ClientHelloError", "ClientHelloReader", "parse_client_hello", "peek_session_id",
+]
 
 #: The hello must be complete within this many bytes of the stream, so that a
 #: client can never make the server buffer more than this while it waits.
@@ -40,8 +42,6 @@ _EXT_SERVER_NAME = 0
 _EXT_SESSION_TICKET = 35
 _EXT_PRE_SHARED_KEY = 41
 _EXT_SUPPORTED_VERSIONS = 43
-
-_Buf = bytes | memoryview
 
 
 class _NeedMore(Exception):
@@ -71,7 +71,7 @@ class ClientHello:
 
 
 class _Reader:
-    """A cursor over the bytes received so far of a structure of known size.
+    """A cursor over the bytes received so far of an SSL 2.0 hello, whose size is known.
 
     Every read names the end of the enclosing structure (``limit``): running
     past it is a malformed hello, while running past the bytes *received* only
@@ -81,7 +81,7 @@ class _Reader:
 
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: _Buf, pos: int = 0) -> None:
+    def __init__(self, buf: memoryview, pos: int = 0) -> None:
         self.buf = buf
         self.pos = pos
 
@@ -102,11 +102,6 @@ class _Reader:
         p = self._advance(2, limit)
         return (self.buf[p] << 8) | self.buf[p + 1]
 
-    def u24(self, limit: int) -> int:
-        p = self._advance(3, limit)
-        buf = self.buf
-        return (buf[p] << 16) | (buf[p + 1] << 8) | buf[p + 2]
-
     def skip(self, n: int, limit: int) -> None:
         self._advance(n, limit)
 
@@ -114,13 +109,25 @@ class _Reader:
         p = self._advance(n, limit)
         return bytes(self.buf[p : p + n])
 
-    def vector(self, length_size: int, limit: int) -> int:
-        """Read a vector's length prefix; return where the vector ends."""
-        length = self.u8(limit) if length_size == 1 else self.u16(limit)
-        end = self.pos + length
-        if end > limit:
-            raise ClientHelloError("vector length overruns its enclosing structure")
-        return end
+
+# Record header, handshake header, legacy_version and random: the session ID's length byte follows.
+_SESSION_ID_AT = _RECORD_HEADER + 4 + 2 + 32
+
+
+def peek_session_id(data: bytes | bytearray) -> bytes | None:
+    """The legacy session ID of a ClientHello whose first record starts with all of it; else None.
+
+    A look at a fixed place, nothing else checked, to skip reading a hello
+    whose session needs no lookup; anything else is read as usual.
+    """
+    at = _SESSION_ID_AT
+    if len(data) <= at or data[0] != _HANDSHAKE or data[_RECORD_HEADER] != _CLIENT_HELLO:
+        return None
+    length = data[at]
+    record = (data[3] << 8) | data[4]
+    if not 0 < length <= _MAX_SESSION_ID or len(data) < at + 1 + length or record < at + 1 + length - _RECORD_HEADER:
+        return None
+    return bytes(data[at + 1 : at + 1 + length])
 
 
 def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | None:
@@ -157,6 +164,11 @@ class ClientHelloReader:
         self._sslv2: bytearray | None = None  # the whole stream, for an SSL 2.0 hello
         self._answer: ClientHello | None = None
         self._error: ClientHelloError | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether any bytes were fed."""
+        return self._seen > 0 or self._error is not None
 
     def feed(self, data: bytes | bytearray | memoryview) -> ClientHello | None:
         """The hello once complete (and for good), ``None`` while more is needed; raises once it cannot be one."""
@@ -253,71 +265,87 @@ class ClientHelloReader:
 
 
 def _parse_complete(message: bytes) -> ClientHello:
-    """A whole handshake message: every read stays within it, so none can run out of bytes."""
-    try:
-        return _parse_handshake(message)
-    except _NeedMore:  # pragma: no cover - lengths are checked against the message's end first
-        raise ClientHelloError("ClientHello ends early") from None
+    """A whole handshake message: no read can run out of bytes, only out of what encloses it.
 
-
-def _parse_handshake(buf: _Buf) -> ClientHello:
-    r = _Reader(buf)
-    msg_type = r.u8(4)
-    if msg_type != _CLIENT_HELLO:
-        raise ClientHelloError(f"first handshake message has type {msg_type}, not ClientHello")
-    end = 4 + r.u24(4)
+    Fields are read inline, with few calls: this runs for every connection of a server that reads hellos.
+    """
+    if message[0] != _CLIENT_HELLO:
+        raise ClientHelloError(f"first handshake message has type {message[0]}, not ClientHello")
+    end = 4 + ((message[1] << 16) | (message[2] << 8) | message[3])
     # At least one record header precedes the message, and all of it must fit.
     if end + _RECORD_HEADER > MAX_HELLO_BYTES:
         raise ClientHelloError(f"ClientHello of {end - 4} bytes is too large")
-    return _parse_body(r, end)
+    if end > len(message):  # pragma: no cover - the reader hands over exactly the announced message
+        raise ClientHelloError("ClientHello ends early")
+    return _parse_body(message, 4, end)
 
 
-def _parse_body(r: _Reader, end: int) -> ClientHello:
-    legacy_version = r.u16(end)
+def _overrun() -> ClientHelloError:
+    return ClientHelloError("field overruns its enclosing structure")
+
+
+def _vector(buf: bytes, pos: int, size: int, limit: int) -> int:
+    """Where the vector whose ``size``-byte length prefix starts at ``pos`` ends; checked against ``limit``."""
+    start = pos + size
+    if start > limit:
+        raise _overrun()
+    end = start + (buf[pos] if size == 1 else (buf[pos] << 8) | buf[pos + 1])
+    if end > limit:
+        raise ClientHelloError("vector length overruns its enclosing structure")
+    return end
+
+
+def _parse_body(buf: bytes, pos: int, end: int) -> ClientHello:
+    if pos + 2 + 32 > end:
+        raise _overrun()
+    legacy_version = (buf[pos] << 8) | buf[pos + 1]
     if legacy_version >> 8 != 3:
         raise ClientHelloError(f"legacy_version {legacy_version:#06x} is not TLS")
-    r.skip(32, end)  # random
-    sid_end = r.vector(1, end)
-    if sid_end - r.pos > _MAX_SESSION_ID:
+    pos += 2 + 32  # version, random
+    sid_end = _vector(buf, pos, 1, end)
+    if sid_end - pos - 1 > _MAX_SESSION_ID:
         raise ClientHelloError("session_id longer than 32 bytes")
-    session_id = r.take(sid_end - r.pos, sid_end)
-    suites_end = r.vector(2, end)
-    n = suites_end - r.pos
+    session_id = buf[pos + 1 : sid_end]
+    suites_end = _vector(buf, sid_end, 2, end)
+    n = suites_end - sid_end - 2
     if n < 2 or n % 2:
         raise ClientHelloError("bad cipher_suites length")
-    r.skip(n, suites_end)
-    compression_end = r.vector(1, end)
-    if compression_end == r.pos:
+    compression_end = _vector(buf, suites_end, 1, end)
+    if compression_end == suites_end + 1:
         raise ClientHelloError("empty compression_methods")
-    r.skip(compression_end - r.pos, compression_end)
+    pos = compression_end
 
     server_name: str | None = None
     psk_identities: tuple[bytes, ...] = ()
     ticket = False
     supported_versions: tuple[int, ...] = ()
-    if r.pos < end:  # extensions are optional before TLS 1.3
-        exts_end = r.vector(2, end)
-        if exts_end != end:
+    if pos < end:  # extensions are optional before TLS 1.3
+        if _vector(buf, pos, 2, end) != end:
             raise ClientHelloError("trailing bytes after extensions")
+        pos += 2
         seen: set[int] = set()
-        while r.pos < exts_end:
-            ext_type = r.u16(exts_end)
-            ext_end = r.vector(2, exts_end)
+        while pos < end:
+            if pos + 4 > end:
+                raise _overrun()
+            ext_type = (buf[pos] << 8) | buf[pos + 1]
+            pos += 4
+            ext_end = pos + ((buf[pos - 2] << 8) | buf[pos - 1])
+            if ext_end > end:
+                raise ClientHelloError("vector length overruns its enclosing structure")
             if ext_type in seen:
                 raise ClientHelloError(f"duplicate extension {ext_type}")
             seen.add(ext_type)
-            if ext_type == _EXT_PRE_SHARED_KEY and ext_end != exts_end:
-                raise ClientHelloError("pre_shared_key is not the last extension")
             if ext_type == _EXT_SERVER_NAME:
-                server_name = _parse_server_name(r, ext_end)
+                server_name = _parse_server_name(buf, pos, ext_end)
             elif ext_type == _EXT_PRE_SHARED_KEY:
-                psk_identities = _parse_pre_shared_key(r, ext_end)
+                if ext_end != end:
+                    raise ClientHelloError("pre_shared_key is not the last extension")
+                psk_identities = _parse_pre_shared_key(buf, pos, ext_end)
             elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                supported_versions = _parse_supported_versions(r, ext_end)
-            else:
-                if ext_type == _EXT_SESSION_TICKET:
-                    ticket = ext_end > r.pos
-                r.skip(ext_end - r.pos, ext_end)
+                supported_versions = _parse_supported_versions(buf, pos, ext_end)
+            elif ext_type == _EXT_SESSION_TICKET:
+                ticket = ext_end > pos
+            pos = ext_end
     return ClientHello(
         legacy_version=legacy_version,
         session_id=session_id,
@@ -328,58 +356,59 @@ def _parse_body(r: _Reader, end: int) -> ClientHello:
     )
 
 
-def _parse_server_name(r: _Reader, ext_end: int) -> str:
+def _parse_server_name(buf: bytes, pos: int, ext_end: int) -> str:
     """RFC 6066 section 3; like OpenSSL, accept exactly one host_name entry."""
-    list_end = r.vector(2, ext_end)
-    if list_end != ext_end:
+    if _vector(buf, pos, 2, ext_end) != ext_end:
         raise ClientHelloError("trailing bytes in server_name")
-    if list_end == r.pos:
+    pos += 2
+    if pos == ext_end:
         raise ClientHelloError("empty server_name list")
-    if r.u8(list_end) != 0:
+    if buf[pos] != 0:
         raise ClientHelloError("server_name entry is not a host_name")
-    name_end = r.vector(2, list_end)
-    if name_end != list_end:
+    if _vector(buf, pos + 1, 2, ext_end) != ext_end:
         raise ClientHelloError("server_name must hold exactly one host_name")
-    if name_end == r.pos:
+    raw = buf[pos + 3 : ext_end]
+    if not raw:
         raise ClientHelloError("empty host_name")
-    raw = r.take(name_end - r.pos, name_end)
     # A/U-labels only: the wire form is ASCII; a NUL could make two names alike.
     if not raw.isascii() or 0 in raw:
         raise ClientHelloError("host_name is not an ASCII name")
     return raw.decode("ascii")
 
 
-def _parse_supported_versions(r: _Reader, ext_end: int) -> tuple[int, ...]:
-    list_end = r.vector(1, ext_end)
-    n = list_end - r.pos
-    if list_end != ext_end:
+def _parse_supported_versions(buf: bytes, pos: int, ext_end: int) -> tuple[int, ...]:
+    if _vector(buf, pos, 1, ext_end) != ext_end:
         raise ClientHelloError("trailing bytes in supported_versions")
+    n = ext_end - pos - 1
     if n < 2 or n % 2:
         raise ClientHelloError("bad supported_versions length")
-    return tuple(r.u16(list_end) for _ in range(n // 2))
+    return tuple((buf[i] << 8) | buf[i + 1] for i in range(pos + 1, ext_end, 2))
 
 
-def _parse_pre_shared_key(r: _Reader, ext_end: int) -> tuple[bytes, ...]:
+def _parse_pre_shared_key(buf: bytes, pos: int, ext_end: int) -> tuple[bytes, ...]:
     """RFC 8446 section 4.2.11: identities, then one binder per identity."""
-    ids_end = r.vector(2, ext_end)
-    if ids_end - r.pos < 7:
+    ids_end = _vector(buf, pos, 2, ext_end)
+    pos += 2
+    if ids_end - pos < 7:
         raise ClientHelloError("pre_shared_key identities list too short")
     identities: list[bytes] = []
-    while r.pos < ids_end:
-        id_end = r.vector(2, ids_end)
-        if id_end == r.pos:
+    while pos < ids_end:
+        id_end = _vector(buf, pos, 2, ids_end)
+        if id_end == pos + 2:
             raise ClientHelloError("empty PSK identity")
-        identities.append(r.take(id_end - r.pos, id_end))
-        r.skip(4, ids_end)  # obfuscated_ticket_age
-    binders_end = r.vector(2, ext_end)
-    if binders_end != ext_end:
+        identities.append(buf[pos + 2 : id_end])
+        pos = id_end + 4  # obfuscated_ticket_age
+        if pos > ids_end:
+            raise _overrun()
+    if _vector(buf, pos, 2, ext_end) != ext_end:
         raise ClientHelloError("trailing bytes in pre_shared_key")
+    pos += 2
     binders = 0
-    while r.pos < binders_end:
-        binder_end = r.vector(1, binders_end)
-        if binder_end - r.pos < 32:
+    while pos < ext_end:
+        binder_end = _vector(buf, pos, 1, ext_end)
+        if binder_end - pos - 1 < 32:
             raise ClientHelloError("PSK binder shorter than 32 bytes")
-        r.skip(binder_end - r.pos, binder_end)
+        pos = binder_end
         binders += 1
     if binders != len(identities):
         raise ClientHelloError("PSK binder count differs from identity count")

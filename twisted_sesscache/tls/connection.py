@@ -16,7 +16,13 @@ from typing import Any, Protocol
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
-from twisted_sesscache.tls.clienthello import MAX_HELLO_BYTES, ClientHello, ClientHelloError, ClientHelloReader
+from twisted_sesscache.tls.clienthello import (
+    MAX_HELLO_BYTES,
+    ClientHello,
+    ClientHelloError,
+    ClientHelloReader,
+    peek_session_id,
+)
 from twisted_sesscache._openssl import OpenSSLAccess, runtime as openssl_runtime
 
 # What OpenSSL says when a peer closes without close_notify; Twisted turns an
@@ -33,6 +39,9 @@ class HandshakeObserver(Protocol):
 
     def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
         """A server connection's ClientHello, before OpenSSL sees it; a Deferred holds it back."""
+
+    def holds_session(self, connection: WatchedConnection, session_id: bytes) -> bool:
+        """Whether OpenSSL resumes ``session_id`` from its own cache: then the hello is not read."""
 
     def handshake_started(self, connection: WatchedConnection) -> Deferred[None] | None:
         """A Deferred holds the handshake back until it fires."""
@@ -95,6 +104,14 @@ class WatchedConnection:
             if len(self._held) > _MAX_HELD:
                 self._release()
             return len(data)
+        if not reader.started:
+            # A session OpenSSL holds itself (TLS 1.2, a returning client) needs no lookup:
+            # its ID sits at a fixed place, and the rest of the hello need not be read.
+            session_id = peek_session_id(self._held)
+            if session_id is not None and self._observer.holds_session(self, session_id):
+                self._reader = None
+                self._release()
+                return len(data)
         try:
             hello = reader.feed(data)
         except ClientHelloError:
