@@ -143,6 +143,21 @@ def test_flush_loop_runs_on_the_given_clock() -> None:
     assert not clock.getDelayedCalls()
 
 
+@pytest.mark.shared_only(SHARED_WHY)
+def test_the_first_tick_flushes_from_the_start_not_an_hour_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slice per second since the start: a cache started long after the epoch walks back no hour."""
+    clock = Clock()
+    clock.advance(1_000_000)
+    cache = SessionCache(flush_interval=10)
+    cache.attach(CertificateOptions().getContext())
+    moments: list[int] = []
+    monkeypatch.setattr(cache.flushing, "flush_until", lambda moment: moments.append(moment) or 0)
+    cache.start(clock)
+    clock.advance(10)
+    assert moments == list(range(1_000_001, 1_000_011))
+    cache.stop()
+
+
 class SessionGrabber(protocol.Protocol):
     """Keeps the server-side session of each connection, for add/remove."""
 

@@ -73,6 +73,10 @@ class FlushSchedule:
         return self._loop is not None and self._loop.running
 
     def start(self) -> None:
+        if self._flushed_until is None:
+            # OpenSSL's flush of a moment takes everything expired by then: the first slice
+            # takes what expired before the start, and the first tick need not walk back.
+            self._flushed_until = int(self.clock.seconds())
         if self.interval and not self.running:
             self._loop = LoopingCall(self._tick)
             self._loop.clock = self.clock
@@ -92,7 +96,7 @@ class FlushSchedule:
             self.log.failure("Scheduled flush of client sessions or store records failed")
         if not (self.contexts.contexts and self.runtime.shared):
             return
-        # The first tick looks back as far as slices go; later ticks from where the last one ended.
+        # From where the last tick ended (or the start), as far back as slices go.
         start = max(self._flushed_until or 0, now - MAX_FLUSH_SLICES)
         self._flushed_until = now
         self.flushes += 1
