@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import load, pool, processes, report, servers, stall, store_bytes
+from bench import instructions, load, pool, processes, report, servers, stall, store_bytes
 
 DOCS = servers.REPO / "docs" / "benchmarks.md"
 QUICK_OUTPUT = servers.REPO / "build" / "bench-quick" / "benchmarks.md"
-PARTS = ("throughput", "hitrate", "scaling", "bytes", "stall")
+PARTS = ("throughput", "hitrate", "scaling", "bytes", "stall", "instructions")
 QUICK_PARTS = ("throughput", "hitrate", "stall")  # the others by --parts only
 # Configurations in the hit-rate part: plain Twisted and every sesscache store.
 HITRATE_CONFIGS = ("twisted-sessions", *report.MEMORY_STORES, report.REDIS_STORE)
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             results["lmdb_cost"] = store_bytes.lmdb_costs(workdir / "lmdb-cost")
         if "stall" in parts:
             results["stall"] = stall.measure(list(settings.stall_sizes), settings.stall_repeats)
+        if "instructions" in parts:
+            results["instructions"] = instructions.measure(certificates, settings.keys[0], settings.tls, workdir)
         if args.profile if args.profile is not None else not settings.quick:
             from bench import profiling
 

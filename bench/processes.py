@@ -133,11 +133,12 @@ def started(
     *,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    timeout: float = READY_TIMEOUT,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """:func:`spawn` ``command``, wait until ``port`` accepts, :func:`stop` it on the way out."""
     process = spawn(command, log, cwd=cwd, env=env)
     try:
-        wait_for_port(port, process, log)
+        wait_for_port(port, process, log, timeout)
         yield process
     finally:
         stop(process)

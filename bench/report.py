@@ -191,6 +191,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             capacity = _ratio(_cpu(results, BASELINE, "rsa", "1.2", "resumed"), _cpu(results, name, "rsa", "1.2", "resumed"))
             if capacity is not None:
                 text += f"; by server CPU per connection (RSA-2048 TLS 1.2) {capacity:.2f}×"
+            from bench import report_instructions  # it builds on this module's helpers
+
+            text += report_instructions.ratio_text(results, name)
             add(f"{target} (`{name}`)", text, "pass" if lowest >= threshold else "miss")
 
     for name in [n for n in (*MEMORY_STORES, REDIS_STORE) if n in measured]:
@@ -304,6 +307,9 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     out += report_workers.scaling_section(results)
     out += report_workers.bytes_section(results)
     out += _stall_section(results)
+    from bench import report_instructions
+
+    out += report_instructions.section(results)
     out += _notes_section(results)
     return "\n".join(out).rstrip() + "\n"
 

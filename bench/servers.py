@@ -76,6 +76,7 @@ class Config:
     ``stats``: the command serves ``/stats.json`` on ``{stats}`` (``twistd sesscache --stats``),
     which the bench reads before and after each run (per-worker counts, bench/pool.py).
     ``quick``: ``--quick`` measures it too (unless named by ``--only``, the full run only).
+    ``ready_timeout``: seconds its servers may take to listen (longer under valgrind).
     """
 
     name: str
@@ -86,6 +87,7 @@ class Config:
     needs: tuple[Check, ...] = ()
     stats: bool = False
     quick: bool = True
+    ready_timeout: float = processes.READY_TIMEOUT
 
     def unavailable(self) -> str | None:
         """Why this configuration cannot run here, or None when it can."""
@@ -316,9 +318,12 @@ def child_environment() -> dict[str, str]:
 
 
 @contextmanager
-def started(command: list[str], port: int, workdir: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+def started(
+    command: list[str], port: int, workdir: Path, name: str, timeout: float = processes.READY_TIMEOUT
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start one process in ``workdir`` (output in ``name.log``), wait until ``port`` accepts, stop it afterwards."""
-    with processes.started(command, port, workdir / f"{name}.log", cwd=workdir, env=child_environment()) as process:
+    with processes.started(command, port, workdir / f"{name}.log", cwd=workdir, env=child_environment(),
+                           timeout=timeout) as process:  # fmt: skip
         yield process
 
 
@@ -370,7 +375,8 @@ def running(
             port = processes.free_port()
             stats_port = processes.free_port() if config.stats else 0
             launch = Launch(certificate, private_key, workdir, port, index, helper_ports, stats_port)
-            children.append(stack.enter_context(started(config.command(launch), port, workdir, f"{config.name}-{index}")))
+            command = config.command(launch)
+            children.append(stack.enter_context(started(command, port, workdir, f"{config.name}-{index}", config.ready_timeout)))
             ports.append(port)
             if config.stats:
                 processes.wait_for_port(stats_port, children[-1], workdir / f"{config.name}-{index}.log")

@@ -2,10 +2,11 @@
 # Debian/Ubuntu packages the project needs: the shared-OpenSSL runtime
 # (pyOpenSSL and cryptography linked against the system libssl), the openssl
 # CLI the tests use as an outside peer, redis-server and nginx, haproxy (a bench
-# anchor beside nginx), and the real clients the tests drive: curl and headless Chromium.
+# anchor beside nginx), valgrind (the bench counts instructions per connection with callgrind),
+# and the real clients the tests drive: curl and headless Chromium.
 set -euo pipefail
 packages=(python3 python3-venv python3-openssl python3-cryptography python3-cffi
-          python3-service-identity python3-lmdb openssl redis-server nginx haproxy curl chromium)
+          python3-service-identity python3-lmdb openssl redis-server nginx haproxy curl chromium valgrind)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

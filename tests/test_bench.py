@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import pool, processes, profiling, report, report_workers, servers
+from bench import instructions, pool, processes, profiling, report, report_instructions, report_workers, servers
 from bench.__main__ import _available
 
 SUBSET = ("twisted-default", "twisted-sessions", "sesscache-memory", "openssl-s_server")
@@ -341,3 +341,35 @@ def test_lmdb_usage_counts_the_records_and_pages_of_a_store(tmp_path: Path) -> N
     assert filled["entries"] - empty["entries"] == 200
     assert filled["payload"] - empty["payload"] == 200 * (7 + 8 + 250)  # key, 8-byte expiry, value
     assert 200 * 250 <= filled["bytes"] - empty["bytes"] <= 200 * 4096
+
+
+def test_instruction_counts_are_reported_as_ratios_to_bare_twisted() -> None:
+    def row(config: str, tls: str, count: float) -> dict[str, Any]:
+        return {"config": config, "tls": tls, "key": "rsa", "connections": 400, "resumed": 400, "errors": 0,
+                "instructions": count}  # fmt: skip
+
+    results: dict[str, Any] = {"instructions": {"rows": [
+        row("twisted-sessions", "1.2", 1.2e6), row("twisted-sessions", "1.3", 3.0e6),
+        row("sesscache-memory", "1.2", 1.25e6), row("sesscache-memory", "1.3", 3.0e6),
+        row("sesscache-redis", "1.2", 1.5e6),
+    ], "unavailable": {}}}  # fmt: skip
+    assert report_instructions.ratios(results, "sesscache-memory") == {"1.2": 0.96, "1.3": 1.0}
+    assert report_instructions.ratios(results, "sesscache-redis") == {"1.2": 0.8}
+    assert report_instructions.ratio_text(results, "nginx") == ""
+    text = "\n".join(report_instructions.section(results))
+    assert "| `sesscache-redis` | 1.500 M | 0.80× | – | – | 400/400 |" in text
+    missing = report_instructions.section({"instructions": {"rows": [], "unavailable": {"x": "`valgrind` is not installed"}}})
+    assert "`valgrind` is not installed" in "\n".join(missing)
+    assert report_instructions.section({}) == []
+
+
+@pytest.mark.skipif(servers.executable("valgrind")() is not None, reason="valgrind is not installed")
+def test_a_real_callgrind_dump_gives_its_instruction_total(tmp_path: Path) -> None:
+    dump = tmp_path / "true.out"
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "true"],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    assert instructions.dumped_instructions(dump) > 10_000  # even `true` runs the dynamic loader
+    command = instructions.under_callgrind(servers.BY_NAME["twisted-sessions"], tmp_path).command(
+        servers.Launch(tmp_path / "c.pem", tmp_path / "k.pem", tmp_path, 4433)
+    )
+    assert command[:2] == ["valgrind", "--tool=callgrind"] and "bench.tlsserver" in command
