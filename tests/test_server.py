@@ -151,7 +151,12 @@ def test_the_first_tick_flushes_from_the_start_not_an_hour_back(monkeypatch: pyt
     cache = SessionCache(flush_interval=10)
     cache.attach(CertificateOptions().getContext())
     moments: list[int] = []
-    monkeypatch.setattr(cache.flushing, "flush_until", lambda moment: moments.append(moment) or 0)
+
+    def flush_until(moment: int) -> int:
+        moments.append(moment)
+        return 0
+
+    monkeypatch.setattr(cache.flushing, "flush_until", flush_until)
     cache.start(clock)
     clock.advance(10)
     assert moments == list(range(1_000_001, 1_000_011))
