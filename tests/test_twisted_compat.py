@@ -13,7 +13,7 @@ from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -22,7 +22,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
-from tests.support import TLSFiles
+from tests.support import ReactorThread, TLSFiles
 from twisted_sesscache import _twisted_compat as compat
 from twisted_sesscache.certs import load_certificate
 from twisted_sesscache.trust import trust_fingerprint
@@ -114,3 +114,57 @@ def test_unexpected_eof_is_what_twisted_treats_as_a_clean_close() -> None:
     assert _representsEOF(SSL.Error(compat.UNEXPECTED_EOF))
     assert not _representsEOF(SSL.Error([("SSL routines", "", "bad record mac")]))
 
+
+
+class Forwarding:
+    """A transport wrapper as ProtocolWrapper is one: unknown names come from the transport under it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.written: list[bytes] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_write_now_sends_at_once_and_keeps_the_order(reactor_thread: ReactorThread) -> None:
+    """An idle TCP transport sends at once; one with bytes waiting queues behind them; TLS is never bypassed."""
+    received = bytearray()
+    everything = defer.Deferred[None]()
+
+    class Collect(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.extend(data)
+            if len(received) >= len(b"now" + b"queued" + b"after"):
+                everything.callback(None)
+
+    from twisted.internet import reactor
+
+    listen: Any = reactor.listenTCP
+    port: Any = reactor_thread.call(listen, 0, Factory.forProtocol(Collect), interface="127.0.0.1")
+    client = reactor_thread.call(
+        ClientCreator(reactor, Protocol).connectTCP, "127.0.0.1", port.getHost().port
+    )
+
+    def write() -> tuple[bool, bool]:
+        transport = client.transport
+        compat.write_now(transport, b"now")
+        sent_at_once = not transport._tempDataBuffer and not transport.dataBuffer
+        transport.write(b"queued")
+        compat.write_now(transport, b"after")  # must not overtake "queued"
+        return sent_at_once, bool(transport._tempDataBuffer)
+
+    try:
+        assert reactor_thread.call(write) == (True, True)
+        reactor_thread.call(lambda: everything)
+        assert bytes(received) == b"nowqueuedafter"
+        # A wrapper (TLS) forwards .socket and the buffers to the connection under it: it gets write().
+        wrapper = Forwarding(client.transport)
+        reactor_thread.call(compat.write_now, wrapper, b"wrapped")
+        assert wrapper.written == [b"wrapped"]
+    finally:
+        reactor_thread.call(client.transport.loseConnection)
+        reactor_thread.call(port.stopListening)

@@ -19,6 +19,7 @@ from twisted.internet._sslverify import OpenSSLCertificateAuthorities, OpenSSLDe
 # Why: the interface every trust root optionsForClientTLS() takes provides;
 # public role, private module; for type hints where a trust root is passed.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet import tcp
 from twisted.internet.ssl import CertificateOptions
 
 _Service = TypeVar("_Service")
@@ -101,6 +102,34 @@ def raise_synchronously(service: _Service) -> _Service:
     return service
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sent at once when nothing waits to be sent before it.
+
+    Why: a TCP transport's ``write`` only buffers; the bytes leave on the
+    reactor's next turn, after registering for writability and before
+    unregistering again. A Redis request made inside a handshake then waits for
+    every other event of this turn, and costs the epoll round trip. With
+    nothing buffered (``_tempDataBuffer``, ``dataBuffer`` past ``offset``) the
+    order of bytes is kept by sending directly on ``socket``; whatever the
+    socket does not take goes the usual way. Only a plain TCP connection: a
+    wrapper such as TLS forwards ``socket`` to the connection under it.
+    """
+    if (
+        type(transport) is not tcp.Client
+        or not transport.connected
+        or transport._tempDataBuffer
+        or len(transport.dataBuffer) > transport.offset
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        sent = 0  # EAGAIN, or an error the transport finds and reports on its own turn
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
 __all__ = [
     "UNEXPECTED_EOF",
     "IOpenSSLTrustRoot",
@@ -113,4 +142,5 @@ __all__ = [
     "idna_bytes",
     "is_platform_trust",
     "raise_synchronously",
+    "write_now",
 ]

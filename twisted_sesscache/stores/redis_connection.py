@@ -25,6 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_sesscache._twisted_compat import write_now
 from twisted_sesscache.stores.redis_target import RedisTarget
 from twisted_sesscache.stores.redis_wire import ReplyReader, encode_command
 
@@ -57,7 +58,7 @@ class _SetupProtocol(txredisapi.RedisProtocol):
         """Write one encoded request; the Deferred fires with its reply (an error reply fails it)."""
         waiter: Deferred[Any] = Deferred()
         self._waiters.append(waiter)
-        self.transport.write(command)
+        write_now(self.transport, command)
         return waiter
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
