@@ -161,6 +161,33 @@ def test_records_in_redis_are_sealed(
     reactor_thread.call(store.close)
 
 
+@pytest.mark.parametrize("keyed", [False, True])
+def test_an_in_process_store_seals_only_when_given_a_key(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, keyed: bool
+) -> None:
+    """Nobody but this process reads a MemoryStore: without a key its sessions are kept as OpenSSL encodes them."""
+    store = MemoryStore()
+    caches = [SessionCache(store=store, store_keys=[KEY] if keyed else None) for _ in range(2)]
+    session = tmp_path / "s.pem"
+    with ExitStack() as stack:
+        ports = [
+            stack.enter_context(tls_server(
+                reactor_thread, cache.server_context_factory(certificate_options(tls_files.certificate, tls_files.private_key))
+            ))
+            for cache in caches
+        ]
+        assert s_client(ports[0], sess_out=session) == "New"
+        time.sleep(0.05)
+        ((_, (_, record)),) = store._entries.items()
+        # A DER session starts with a SEQUENCE (0x30); a sealed record with its version byte.
+        assert record[:1] == (b"\x01" if keyed else b"\x30")
+        # The other listener has it only in the store, and resumes it from there.
+        assert s_client(ports[1], sess_in=session) == "Reused"
+        stats = reactor_thread.call(caches[1].stats)
+        assert stats["store_hits"] == 1 and stats["store_rejected"] == 0
+        assert (stats["store_key_fingerprint"] is not None) is keyed
+
+
 @pytest.mark.parametrize("corruption", ["other-key", "truncated", "random", "other-context", "moved", "undecodable"])
 def test_bad_records_never_resume_and_never_crash(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, corruption: str

@@ -19,6 +19,7 @@ import shlex
 import stat
 import struct
 from collections.abc import Sequence
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -27,9 +28,12 @@ from twisted_sesscache.exceptions import ConfigurationError, KeyFileError, SealE
 
 __all__ = [
     "KEY_BYTES",
+    "UNSEALED",
     "KeyFileError",
+    "RecordSealer",
     "SealError",
     "Sealer",
+    "Unsealed",
     "check_key_file",
     "key_fingerprint",
     "key_id",
@@ -109,6 +113,33 @@ class Sealer:
             return cipher.decrypt(nonce, record[_HEADER_BYTES:], _aad(header, kind, context))
         except (InvalidTag, OverflowError) as exc:
             raise SealError("record failed authentication (tampered, or other kind/context)") from exc
+
+
+class RecordSealer(Protocol):
+    """What the records of a store go through on their way in and out."""
+
+    def seal(self, plaintext: bytes, *, kind: bytes, context: bytes) -> bytes: ...
+
+    def open(self, record: bytes | bytearray | memoryview, *, kind: bytes, context: bytes) -> bytes: ...
+
+
+class Unsealed:
+    """Records kept as they are, for a store only this process reads and writes.
+
+    Sealing guards records against whoever else can read or write the store;
+    in this process's own memory there is nobody else, and sealing a session
+    with AES-GCM costs ~90,000 instructions under Debian's cryptography 38 (a
+    quarter of what a resumed TLS 1.3 handshake adds to bare Twisted's).
+    """
+
+    def seal(self, plaintext: bytes, *, kind: bytes, context: bytes) -> bytes:
+        return plaintext
+
+    def open(self, record: bytes | bytearray | memoryview, *, kind: bytes, context: bytes) -> bytes:
+        return bytes(record)
+
+
+UNSEALED = Unsealed()
 
 
 def _fix_hint(path: str) -> str:

@@ -1,7 +1,9 @@
 """What a cache shares through its store: the sealing key, server sessions, ticket keys, client sessions.
 
 Built once from a :class:`~twisted_sesscache.config.CacheConfig` that names a
-store; everything that reaches the store goes through the one ``Sealer``.
+store; everything that reaches the store goes through the one sealer: AES-GCM
+for a store other processes read (or when given a key), none for an
+in-process store that only this process can read or write.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from twisted_sesscache.client.shared import SharedClientSessions
 from twisted_sesscache.config import CacheConfig, Tickets
 from twisted_sesscache.exceptions import ConfigurationError, KeyFileError
 from twisted_sesscache.interfaces import IExpiringStore, ISessionStore
-from twisted_sesscache.sealing import KEY_BYTES, Sealer, key_fingerprint, load_or_create_key_file
+from twisted_sesscache.sealing import UNSEALED, RecordSealer, Sealer, key_fingerprint, load_or_create_key_file
 from twisted_sesscache.server.external import ExternalSessions
 from twisted_sesscache.server.tickets import SharedTicketKeys
 from twisted_sesscache.stores import store_from_url
@@ -35,8 +37,8 @@ class Sharing:
         self.clock = clock
         self.store = _store(config, clock)
         keys = _keys(config, self.store)
-        self.sealer = Sealer(keys)
-        self.key_fingerprint = key_fingerprint(keys[0])
+        self.sealer: RecordSealer = Sealer(keys) if keys else UNSEALED
+        self.key_fingerprint = key_fingerprint(keys[0]) if keys else None
         self.external: ExternalSessions | None = None
         if runtime.shared:  # the bundled runtime cannot reach OpenSSL's session callbacks
             self.external = ExternalSessions(
@@ -90,6 +92,7 @@ def _store(config: CacheConfig, clock: IReactorTime) -> ISessionStore:
 
 
 def _keys(config: CacheConfig, store: ISessionStore) -> list[bytes]:
+    """The sealing keys; none for an in-process store given none (its records never leave)."""
     if config.store_keys:
         return list(config.store_keys)
     if config.store_key_file is not None:
@@ -111,7 +114,7 @@ def _keys(config: CacheConfig, store: ISessionStore) -> list[bytes]:
             "a shared session store needs a sealing key that every process shares "
             "(store_keys=[32 bytes], --store-key-file)",
         )
-    return [os.urandom(KEY_BYTES)]  # never leaves the process
+    return []
 
 
 __all__ = ["STORE_EXPIRY_BUDGET", "Sharing"]

@@ -221,14 +221,14 @@ class OpenSSLAccess:
         ``new`` sees each session OpenSSL makes (server sessions, and client
         sessions when the client cache mode is on); ``remove`` each session the
         internal cache drops (flush, eviction, invalidation); ``get`` answers a
-        server lookup for a session ID with the session's DER bytes, or None.
+        server lookup for a session ID with a Session (``session_from_der``), or None.
         Callbacks must not raise; anything that escapes is logged and the
         handshake continues as if the callback had found nothing.
         """
         self._need("External session-cache callbacks")
         if self._session_callbacks is None:
             assert self._handles is not None
-            self._session_callbacks = SessionCallbacks(self._handles, self._adopt, self._decode_session)
+            self._session_callbacks = SessionCallbacks(self._handles, self._adopt, self._reference)
         self._session_callbacks.install(context, new, remove, get)
 
     def set_ticket_keys(self, context: SSL.Context, keys: ITicketKeySource) -> None:
@@ -244,6 +244,12 @@ class OpenSSLAccess:
             assert self._handles is not None
             self._ticket_callback = TicketKeyCallback(self._handles)
         self._ticket_callback.install(context, keys)
+
+    def _reference(self, session: SSL.Session) -> Any:
+        """A new reference to the session's SSL_SESSION, for OpenSSL to own."""
+        pointer = self._ptr(_session_of(session))
+        self._lib.SSL_SESSION_up_ref(pointer)
+        return pointer
 
     def _adopt(self, pointer: Any) -> SSL.Session:
         """A pyOpenSSL Session holding its own reference to an SSL_SESSION."""

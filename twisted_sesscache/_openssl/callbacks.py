@@ -23,7 +23,7 @@ from twisted_sesscache.interfaces import ITicketKeySource
 
 NewSessionCallback = Callable[["SSL.Connection | None", SSL.Session], None]
 RemoveSessionCallback = Callable[[SSL.Session], None]
-GetSessionCallback = Callable[["SSL.Connection | None", bytes], "bytes | None"]
+GetSessionCallback = Callable[["SSL.Connection | None", bytes], "SSL.Session | None"]
 
 _log = Logger(namespace="twisted_sesscache._openssl.callbacks")
 
@@ -38,16 +38,16 @@ class SessionCallbacks:
     """SSL_CTX_sess_set_new_cb(3), _remove_cb and _get_cb for any number of contexts.
 
     ``adopt`` turns an ``SSL_SESSION *`` OpenSSL lends into a pyOpenSSL Session
-    holding its own reference; ``decode`` turns DER bytes into a new
-    ``SSL_SESSION *`` (OpenSSL's to free once the get callback returns it).
+    holding its own reference; ``reference`` turns a Session back into a new
+    ``SSL_SESSION *`` reference (OpenSSL's to free once the get callback returns it).
     """
 
     def __init__(
-        self, handles: Shared, adopt: Callable[[Any], SSL.Session], decode: Callable[[bytes], Any]
+        self, handles: Shared, adopt: Callable[[Any], SSL.Session], reference: Callable[[SSL.Session], Any]
     ) -> None:
         self._handles = handles
         self._adopt = adopt
-        self._decode = decode
+        self._reference = reference
         self._by_context: dict[int, _Handlers] = {}
         self._entry_points: tuple[Any, Any, Any] | None = None
 
@@ -98,8 +98,8 @@ class SessionCallbacks:
             handlers = handlers_of_ssl(ssl)
             if handlers is None or handlers.get is None:
                 return ffi.NULL
-            der = handlers.get(_connection_of(ffi, ssl), bytes(ffi.buffer(data, length)))
-            return self._decode(der) if der else ffi.NULL
+            session = handlers.get(_connection_of(ffi, ssl), bytes(ffi.buffer(data, length)))
+            return self._reference(session) if session is not None else ffi.NULL
 
         self._entry_points = (
             ffi.callback("int(void *, void *)", on_new, error=0, onerror=report),

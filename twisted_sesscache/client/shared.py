@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from twisted_sesscache.interfaces import ISessionStore
-from twisted_sesscache.sealing import Sealer
+from twisted_sesscache.sealing import RecordSealer
 from twisted_sesscache.stores.sealed import SealedRecords
 
 KIND = b"client-session"
@@ -39,7 +39,7 @@ class SharedClientSessions:
     """
 
     def __init__(
-        self, store: ISessionStore, sealer: Sealer, *, timeout: float, clock: IReactorTime | None = None
+        self, store: ISessionStore, sealer: RecordSealer, *, timeout: float, clock: IReactorTime | None = None
     ) -> None:
         self.records = SealedRecords(store, sealer, KIND, timeout=timeout, reactor=clock)
 
@@ -66,12 +66,11 @@ class SharedClientSessions:
         a rejection), whether it needed one store call or two.
         """
         base, context = self.store_key(key)
-
-        def found(plain: bytes | None) -> tuple[bytes, bool] | None:
-            if plain is None:
-                return None
-            return plain[1:], plain[:1] == _TLS13
-
         # The ticket is taken, so of two processes asking at once only one offers it.
         names = [(base + _TICKET, True), (base + _SESSION, False)]
-        return self.records.fetch_first(names, context).addCallback(found)
+        return self.records.fetch_first(names, context, _unpack)
+
+
+def _unpack(plain: bytes) -> tuple[bytes, bool]:
+    """A record's DER and whether it is a TLS 1.3 ticket (its first byte)."""
+    return plain[1:], plain[:1] == _TLS13

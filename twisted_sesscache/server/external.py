@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from twisted_sesscache.tls.clienthello import ClientHello
 from twisted_sesscache._openssl import OpenSSLAccess
-from twisted_sesscache.sealing import Sealer
+from twisted_sesscache.sealing import RecordSealer
 from twisted_sesscache.interfaces import ISessionStore
 from twisted_sesscache.modes import CacheMode
 from twisted_sesscache.stores.sealed import SealedRecords
@@ -50,7 +50,7 @@ class ExternalSessions:
     def __init__(
         self,
         store: ISessionStore,
-        sealer: Sealer,
+        sealer: RecordSealer,
         runtime: OpenSSLAccess,
         *,
         lookup_timeout: float = 0.05,
@@ -62,7 +62,9 @@ class ExternalSessions:
         self.synchronous = bool(store.answers_at_once)
         # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
         self._asked: weakref.WeakKeyDictionary[SSL.Connection, int] = weakref.WeakKeyDictionary()
-        self._fetched: weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, bytes]] = weakref.WeakKeyDictionary()
+        self._fetched: weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, SSL.Session]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Per context (by id): session IDs in its OpenSSL cache, which OpenSSL resumes without asking.
         self._held: dict[int, set[bytes]] = {}
 
@@ -87,7 +89,7 @@ class ExternalSessions:
                 held.discard(session_id)
             self.records.delete(self.key(sid_context, session_id))
 
-        def on_get(connection: SSL.Connection | None, session_id: bytes) -> bytes | None:
+        def on_get(connection: SSL.Connection | None, session_id: bytes) -> SSL.Session | None:
             # Kept until the handshake ends (forget): after a HelloRetryRequest
             # OpenSSL looks the same identity up again for the second ClientHello.
             if connection is None:
@@ -95,10 +97,10 @@ class ExternalSessions:
             if self.synchronous:
                 return self._lookup_now(connection, sid_context, session_id)
             fetched = self._fetched.get(connection)
-            der = fetched.get(session_id) if fetched else None
-            if der is not None and held is not None and _never_switched(context):
+            session = fetched.get(session_id) if fetched else None
+            if session is not None and held is not None and _never_switched(context):
                 held.add(session_id)  # OpenSSL adds what this returns to its own cache: not fetched again
-            return der
+            return session
 
         self.runtime.set_session_callbacks(context, new=on_new, remove=on_remove, get=on_get)
 
@@ -145,31 +147,33 @@ class ExternalSessions:
         done: Deferred[Any] = DeferredList(lookups, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
-    def _lookup_now(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> bytes | None:
+    def _lookup_now(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> SSL.Session | None:
         """The stored session, from a store that answers at once; at most _MAX_LOOKUPS per connection."""
         asked = self._asked.get(connection, 0)
         if asked >= _MAX_LOOKUPS or not 0 < len(session_id) <= _MAX_STORED_ID:
             return None
         self._asked[connection] = asked + 1
-        answer: list[bytes | None] = []
+        answer: list[SSL.Session | None] = []
         self._fetch(sid_context, session_id).addCallback(answer.append)
         return answer[0] if answer else None  # a store that did not answer at once: a miss
 
     def _lookup(self, connection: SSL.Connection, sid_context: bytes, session_id: bytes) -> Deferred[None]:
-        def found(der: bytes | None) -> None:
-            if der is not None:
-                self._fetched.setdefault(connection, {})[session_id] = der
+        def found(session: SSL.Session | None) -> None:
+            if session is not None:
+                self._fetched.setdefault(connection, {})[session_id] = session
 
         return self._fetch(sid_context, session_id).addCallback(found)
 
-    def _fetch(self, sid_context: bytes, session_id: bytes) -> Deferred[bytes | None]:
-        def check(der: bytes) -> None:
+    def _fetch(self, sid_context: bytes, session_id: bytes) -> Deferred[SSL.Session | None]:
+        def decode(der: bytes) -> SSL.Session:
             # OpenSSL must accept the session, and it must be the one asked for: a
             # session under another ID would fail the handshake instead of giving a full one.
-            if self.runtime.session_id(self.runtime.session_from_der(der)) != session_id:
+            session = self.runtime.session_from_der(der)
+            if self.runtime.session_id(session) != session_id:
                 raise ValueError("the stored session carries another session ID than its key")
+            return session
 
-        return self.records.fetch(self.key(sid_context, session_id), sid_context, check=check)
+        return self.records.fetch(self.key(sid_context, session_id), sid_context, decode)
 
     def forget(self, connection: SSL.Connection) -> None:
         """Drop what was fetched for a connection whose handshake is over."""

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_sesscache.interfaces import ISessionStore, ITicketKeySource, TicketKey
-from twisted_sesscache.sealing import SealError, Sealer
+from twisted_sesscache.sealing import RecordSealer, SealError
 
 KIND = b"ticket-key"
 CONTEXT = b"twisted-sesscache ticket keys"
@@ -36,7 +36,7 @@ class SharedTicketKeys:
     def __init__(
         self,
         store: ISessionStore,
-        sealer: Sealer,
+        sealer: RecordSealer,
         *,
         rotation: float = 3600,
         lifetime: float = 300,

@@ -1,4 +1,4 @@
-"""A store seen through a Sealer: sealed on the way in, opened and checked on the way out, counted.
+"""A store seen through a sealer: sealed on the way in, opened and decoded on the way out, counted.
 
 Both the server's external cache and the client cache read records with a
 deadline on the reactor thread and must drop, count and log (once) whatever
@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from twisted_sesscache.exceptions import UnknownKeyError
-from twisted_sesscache.sealing import SealError, Sealer
+from twisted_sesscache.sealing import RecordSealer, SealError
 from twisted_sesscache.interfaces import ISessionStore
 
+_T = TypeVar("_T")
 COUNTERS = ("store_hits", "store_misses", "store_timeouts", "store_lookup_errors", "store_rejected",
             "store_foreign_key", "store_writes")
 
@@ -29,7 +30,7 @@ class SealedRecords:
     log = Logger()
 
     def __init__(
-        self, store: ISessionStore, sealer: Sealer, kind: bytes, *, timeout: float, reactor: Any = None
+        self, store: ISessionStore, sealer: RecordSealer, kind: bytes, *, timeout: float, reactor: Any = None
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -54,18 +55,17 @@ class SealedRecords:
     def delete(self, name: bytes) -> None:
         self.store.delete(name).addErrback(_ignored)
 
-    def fetch(
-        self, name: bytes, context: bytes, check: Callable[[bytes], object] | None = None
-    ) -> Deferred[bytes | None]:
-        """The opened record, or None: absent, late, failed, or rejected (by the seal or by ``check``).
+    def fetch(self, name: bytes, context: bytes, decode: Callable[[bytes], _T]) -> Deferred[_T | None]:
+        """The opened record as ``decode`` makes it, or None: absent, late, failed, or rejected.
 
-        Never fails, and never takes longer than the timeout.
+        Rejected: by the seal, or by ``decode`` raising ValueError. Never
+        fails, and never takes longer than the timeout.
         """
-        return self.fetch_first([(name, False)], context, check)
+        return self.fetch_first([(name, False)], context, decode)
 
     def fetch_first(
-        self, names: Sequence[tuple[bytes, bool]], context: bytes, check: Callable[[bytes], object] | None = None
-    ) -> Deferred[bytes | None]:
+        self, names: Sequence[tuple[bytes, bool]], context: bytes, decode: Callable[[bytes], _T]
+    ) -> Deferred[_T | None]:
         """The first of ``names`` the store holds, opened; ``(name, True)`` is taken (read and deleted).
 
         One lookup as the counters see it, under one deadline, however many
@@ -83,19 +83,18 @@ class SealedRecords:
                 return call
             return call.addCallback(lambda record: record if record is not None else read(index + 1))
 
-        def found(record: bytes | None) -> bytes | None:
+        def found(record: bytes | None) -> _T | None:
             if record is None:
                 self.counts["store_misses"] += 1
                 return None
             try:
                 plaintext = self.sealer.open(record, kind=self.kind, context=record_context(state["name"], context))  # type: ignore[arg-type]
-                if check is not None:
-                    check(plaintext)
+                value = decode(plaintext)
             except (SealError, ValueError) as error:
                 self._reject(error)
                 return None
             self.counts["store_hits"] += 1
-            return plaintext
+            return value
 
         def failed(failure: Failure) -> None:
             # Our own deadline is a timeout; a caller's cancel is nothing; anything else is an error, not a miss.
