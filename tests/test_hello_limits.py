@@ -116,6 +116,7 @@ class HoldingObserver:
         return self.waiting[-1]
 
     held: frozenset[bytes] = frozenset()  # session IDs "OpenSSL's own cache" holds
+    watches_reads = False
 
     def holds_session(self, connection: WatchedConnection, session_id: bytes) -> bool:
         return session_id in self.held
@@ -142,6 +143,9 @@ class RecordingConnection:
 
     def get_app_data(self) -> None:
         return None
+
+    # What WatchedConnection binds up front; never called here.
+    set_app_data = set_accept_state = bio_read = shutdown = recv = None
 
 
 def watched() -> tuple[WatchedConnection, RecordingConnection, HoldingObserver]:

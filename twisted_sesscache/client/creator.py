@@ -127,6 +127,7 @@ class _ClientHandshake:
     # Bundled runtime: the session seen last, held so that its address cannot be reused.
     baseline: SSL.Session | None = None
     baseline_id: int = 0
+    watches_reads = True  # TLS 1.3 tickets arrive in reads after the handshake
 
     def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
         """Server side only; client connections do not read a ClientHello."""

@@ -9,6 +9,7 @@ own counters are out of reach (the bundled runtime).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -92,21 +93,21 @@ class ServerContexts:
     def session_id_context(self, context: SSL.Context) -> bytes:
         return self._sid_contexts.get(id(context), b"")
 
-    def watch(self, connection: SSL.Connection) -> WatchedConnection:
-        """Attach the connection's context and observe its handshake."""
-        self.attach(connection.get_context())
+    def watch(self, connection: SSL.Connection, session_id_context: bytes | None = None) -> WatchedConnection:
+        """Attach the connection's context (see :meth:`attach`) and observe its handshake."""
+        self.attach(connection.get_context(), session_id_context)
         return WatchedConnection(
             connection,
             self,
             keep_session_on_eof=self.config.keep_sessions_on_truncation,
-            # The hello is read for the prefetch from a store that answers later, and for
-            # counting misses where OpenSSL's own counters are out of reach; otherwise it costs for nothing.
             read_hello=self._read_hello,
             runtime=self.runtime,
         )
 
-    @property
+    @functools.cached_property
     def _read_hello(self) -> bool:
+        """Read for the prefetch from a store that answers later, and to count misses where
+        OpenSSL's own counters are out of reach; otherwise it costs for nothing."""
         external = self._external()
         return not self.runtime.shared or (external is not None and not external.synchronous)
 
@@ -114,6 +115,8 @@ class ServerContexts:
         return self.sharing.external if self.sharing is not None else None
 
     # -- HandshakeObserver ---------------------------------------------------------
+
+    watches_reads = False  # a server has nothing to learn from reads after the handshake
 
     def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
         external = self._external()

@@ -82,5 +82,4 @@ class SessionServerCreator:
             connection = self.options.serverConnectionForTLS(tlsProtocol)
         else:
             connection = SSL.Connection(self.options.getContext(), None)
-        self.cache.attach(connection.get_context(), self._sid_context)
-        return cast(SSL.Connection, self.cache.watch(connection))
+        return cast(SSL.Connection, self.cache.watch(connection, self._sid_context))

@@ -32,10 +32,16 @@ _UNEXPECTED_EOF = [("SSL routines", "", "unexpected eof while reading")]
 _MAX_HELD = 2 * MAX_HELLO_BYTES
 # Errors that only mean "call again later".
 _RETRY = (SSL.WantReadError, SSL.WantWriteError, SSL.WantX509LookupError)
+# What Twisted calls on every connection and the wrapper passes through: bound
+# once, up front, instead of through a failed lookup and __getattr__ each.
+_PASSED_THROUGH = ("set_app_data", "set_accept_state", "bio_read", "shutdown")
 
 
 class HandshakeObserver(Protocol):
     """Told about the handshakes of the connections it watches."""
+
+    #: Whether ``after_read`` must see the reads after the handshake; if not, they go straight to OpenSSL.
+    watches_reads: bool
 
     def client_hello(self, connection: WatchedConnection, hello: ClientHello) -> Deferred[None] | None:
         """A server connection's ClientHello, before OpenSSL sees it; a Deferred holds it back."""
@@ -80,6 +86,12 @@ class WatchedConnection:
         self._held: bytearray | None = bytearray() if read_hello else None
         # Reads the hello as the held bytes arrive; None once it is read (or refused).
         self._reader: ClientHelloReader | None = ClientHelloReader() if read_hello else None
+        passed = self.__dict__
+        for name in _PASSED_THROUGH:
+            passed[name] = getattr(connection, name)
+        if not observer.watches_reads:
+            # Nothing to see in the reads until a truncation (bio_shutdown): recv is OpenSSL's own.
+            passed["recv"] = connection.recv
 
     def __getattr__(self, name: str) -> Any:
         # Bound methods are cached on the instance so that the calls Twisted
@@ -189,6 +201,7 @@ class WatchedConnection:
         return self.connection.send(buf, flags)
 
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
+        """OpenSSL's recv, telling the observer of each read and a truncated close as one."""
         try:
             data: bytes = self.connection.recv(bufsiz, flags)
         except SSL.ZeroReturnError:
@@ -221,6 +234,7 @@ class WatchedConnection:
         ):
             self._runtime.ignore_unexpected_eof(self.connection)
             self.truncated = True
+            self.__dict__.pop("recv", None)  # recv below turns the close back into the truncation
         self.connection.bio_shutdown()
 
     @property
