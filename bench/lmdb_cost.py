@@ -59,7 +59,7 @@ def measure(store: Any, entries: int, count: int) -> dict[str, float]:
         "get, hit": per_call(lambda i: store.get(key(i % entries)), count),
         "get, miss": per_call(lambda i: store.get(key(entries + i)), count),
         "server lookup, hit (SealedRecords.fetch: get + unseal)": per_call(
-            lambda i: records.fetch(key(i % entries), b"ctx"), count
+            lambda i: records.fetch(key(i % entries), b"ctx", bytes), count
         ),
         "set (at the bound: evicts the oldest)": per_call(lambda i: store.set(key(entries + i), sealed[i % entries], 300), count),
         "take, hit": per_call(lambda i: store.take(key(entries + i)), count),
