@@ -127,6 +127,23 @@ def test_a_store_that_answers_later_is_not_asked_for_what_openssl_holds(
         assert store.gets == gets + 1  # no longer held, so looked up
 
 
+def test_a_tls12_hello_with_a_ticket_costs_the_store_no_lookup(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """With tickets on, OpenSSL resumes a TLS 1.2 hello from its ticket or not at all: its session ID is not fetched."""
+    store = CountingStore()
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared") as (ports, caches):
+        for cache in caches:
+            reactor_thread.call(cache.start)
+        assert s_client(ports[0], sess_out=session) == "New"
+        gets = store.gets
+        assert s_client(ports[1], sess_in=session) == "Reused"  # the other listener opens the ticket
+        assert store.gets == gets
+        for cache in caches:
+            reactor_thread.call(cache.stop)
+
+
 def test_a_session_evicted_from_a_full_cache_is_fetched_again(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
 ) -> None:

@@ -128,22 +128,29 @@ class ExternalSessions:
         return _listener_prefix(sid_context) + session_id.hex().encode()
 
     def prefetch(
-        self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool
+        self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool, tickets: bool = False
     ) -> Deferred[None] | None:
         """Fetch what the hello offers into the connection's buffer; None if it offers nothing to fetch.
 
         When both sides speak TLS 1.3, the legacy session ID is the random
         value of middlebox compatibility mode, not a session: only the PSK
         identities are looked up, sparing the store a query per new client.
+        With ``tickets`` on, a TLS 1.2 hello that carries a ticket resumes from
+        it or not at all: OpenSSL never looks its session ID up, so neither do we.
         A session OpenSSL holds itself is resumed from there: it is not fetched.
         """
-        legacy = () if tls13 and TLS13 in hello.supported_versions else (hello.session_id,)
+        if tls13 and TLS13 in hello.supported_versions or tickets and hello.ticket:
+            legacy: tuple[bytes, ...] = ()
+        else:
+            legacy = (hello.session_id,)
         context = connection.get_context()
         offered = [i for i in (*legacy, *hello.psk_identities)
                    if 0 < len(i) <= _MAX_STORED_ID and not self.holds(context, i)]
         if not offered:
             return None
         lookups = [self._lookup(connection, sid_context, i) for i in dict.fromkeys(offered[:_MAX_LOOKUPS])]
+        if len(lookups) == 1:
+            return lookups[0]  # the usual hello: one identity (a lookup never fails)
         done: Deferred[Any] = DeferredList(lookups, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
