@@ -26,7 +26,7 @@ CEILING = "openssl-s_server"
 # The plugin with a store in this process: OpenSSL's cache, or the memory store behind OpenSSL's callbacks.
 MEMORY_STORES = ("sesscache-memory", "sesscache-memstore", "twistd-sesscache-memory", "twistd-sesscache-memstore")
 REDIS_STORE = "twistd-sesscache-redis"  # the fleet: twistd processes sharing one Redis
-REDIS_STORES = ("sesscache-redis", REDIS_STORE)  # like for like first (the bench's own server), then twistd
+REDIS_STORES = ("sesscache-redis", "sesscache-redis-tickets", REDIS_STORE)  # like for like first (the bench's own server), then twistd
 LMDB_STORES = ("sesscache-lmdb", "twistd-sesscache-lmdb")
 WORKER_CONFIGS = ("twistd-workers-1", "twistd-workers-2", "twistd-workers-auto")  # sharing one LMDB store
 KIB = 1024

@@ -284,6 +284,7 @@ CONFIGS: tuple[Config, ...] = (
     Config("sesscache-memstore", "SessionCache(store=MemoryStore())", bench_server("sesscache-memstore")),
     Config("sesscache-lmdb", "SessionCache(store='lmdb:DIR')", bench_server("sesscache-lmdb", "--store-dir", "{dir}/lmdb-{index}"), needs=(importable("lmdb"),)),
     Config("sesscache-redis", "SessionCache(store='redis://…'), 2 processes", bench_server("sesscache-redis", "--store-dir", "{dir}", "--store-url", "redis://127.0.0.1:{redis}/0"), copies=2, helpers=(REDIS,)),
+    Config("sesscache-redis-tickets", "SessionCache(store='redis://…', tickets='shared'), 2 processes", bench_server("sesscache-redis", "--store-dir", "{dir}", "--store-url", "redis://127.0.0.1:{redis}/0", "--tickets", "shared"), copies=2, helpers=(REDIS,)),
     Config("sesscache-redis-1", "SessionCache(store='redis://…'), 1 process", bench_server("sesscache-redis", "--store-dir", "{dir}", "--store-url", "redis://127.0.0.1:{redis}/0"), helpers=(REDIS,)),
     Config("twistd-sesscache-memory", "twistd sesscache", twistd_sesscache(), needs=(TWISTD,)),
     Config("twistd-sesscache-memstore", "twistd sesscache --store memory", twistd_sesscache("--store", "memory"), needs=(TWISTD, twistd_option("--store"))),

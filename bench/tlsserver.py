@@ -53,47 +53,45 @@ class Answer(protocol.Protocol):
 
 
 def make_creator(
-    config: str, certificate: str, private_key: str, store_dir: str = ".", store_url: str = ""
+    config: str,
+    certificate: str,
+    private_key: str,
+    store_dir: str = ".",
+    store_url: str = "",
+    tickets: str = "no",
+    flush_interval: float | None = None,
 ) -> tuple[Any, Any]:
     """The connection creator for ``config`` and the SessionCache behind it (or None).
 
     ``store_dir``: where ``sesscache-lmdb`` keeps its environment and the key
     file (``sesscache-redis`` its key file, shared by the processes that share
-    ``store_url``).
+    ``store_url``). ``tickets``: the Redis configuration's ``tickets`` setting;
+    ``flush_interval``: every SessionCache's (None: its default).
     """
+    import os
+
+    from twisted_sesscache import SessionCache
     from twisted_sesscache.certs import certificate_options
+    from twisted_sesscache.stores.memory import MemoryStore
 
     if config == "default":
         return certificate_options(certificate, private_key), None
     if config == "sessions":
         return certificate_options(certificate, private_key, enableSessions=True), None
-    if config == "sesscache":
-        from twisted_sesscache import SessionCache
-
-        cache = SessionCache()
-        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
-    if config == "sesscache-memstore":
-        from twisted_sesscache import SessionCache
-        from twisted_sesscache.stores.memory import MemoryStore
-
-        cache = SessionCache(store=MemoryStore())
-        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
-    if config == "sesscache-lmdb":
-        import os
-
-        from twisted_sesscache import SessionCache
-
-        cache = SessionCache(store=f"lmdb:{os.path.join(store_dir, 'lmdb')}",
-                             store_key_file=os.path.join(store_dir, "store.key"))
-        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
-    if config == "sesscache-redis":
-        import os
-
-        from twisted_sesscache import SessionCache
-
-        cache = SessionCache(store=store_url, store_key_file=os.path.join(store_dir, "store.key"))
-        return cache.server_context_factory(certificate_options(certificate, private_key)), cache
-    raise ValueError(f"unknown configuration {config!r}; expected one of {', '.join(CONFIGS)}")
+    key_file = os.path.join(store_dir, "store.key")
+    choices: dict[str, dict[str, Any]] = {
+        "sesscache": {},
+        "sesscache-memstore": {"store": MemoryStore()},
+        "sesscache-lmdb": {"store": f"lmdb:{os.path.join(store_dir, 'lmdb')}", "store_key_file": key_file},
+        "sesscache-redis": {"store": store_url, "store_key_file": key_file, "tickets": tickets},
+    }
+    settings = choices.get(config)
+    if settings is None:
+        raise ValueError(f"unknown configuration {config!r}; expected one of {', '.join(CONFIGS)}")
+    if flush_interval is not None:
+        settings["flush_interval"] = flush_interval
+    cache = SessionCache(**settings)
+    return cache.server_context_factory(certificate_options(certificate, private_key)), cache
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,13 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--private-key", required=True)
     parser.add_argument("--store-dir", default=".", help="sesscache-lmdb, -redis: directory of the store's key")
     parser.add_argument("--store-url", default="", help="sesscache-redis: redis://HOST:PORT/DB")
+    parser.add_argument("--tickets", default="no", help="sesscache-redis: no, yes or shared (SessionCache(tickets=))")
+    parser.add_argument("--flush-interval", type=float, default=None, help="sesscache-*: SessionCache(flush_interval=)")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor as installed
 
     reactor: Any = installed
-    creator, cache = make_creator(args.config, args.certificate, args.private_key, args.store_dir, args.store_url)
+    creator, cache = make_creator(
+        args.config, args.certificate, args.private_key, args.store_dir, args.store_url, args.tickets,
+        args.flush_interval,
+    )  # fmt: skip
     factory = protocol.Factory.forProtocol(Answer)
+    if cache is not None:
+        cache.start()  # as README's embedding does: the reactor's flush, and shared ticket keys
 
     def stats() -> dict[str, Any]:
         return {"config": args.config, "rss": rss_bytes(), "cache": cache.stats() if cache else None}
