@@ -144,6 +144,25 @@ def test_a_tls12_hello_with_a_ticket_costs_the_store_no_lookup(
             reactor_thread.call(cache.stop)
 
 
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_with_tickets_the_store_holds_only_ticket_keys(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str
+) -> None:
+    """Sessions travel in their tickets; a TLS 1.3 one OpenSSL still reports to the new-session callback is not written."""
+    store = CountingStore()
+    session = tmp_path / "s.pem"
+    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared") as (ports, caches):
+        for cache in caches:
+            reactor_thread.call(cache.start)
+        assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+        assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"
+        time.sleep(0.05)
+        assert sum(reactor_thread.call(cache.stats)["store_writes"] for cache in caches) == 0
+        assert store._entries and all(key.startswith(b"ticket-key:") for key in store._entries)
+        for cache in caches:
+            reactor_thread.call(cache.stop)
+
+
 def test_a_session_evicted_from_a_full_cache_is_fetched_again(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
 ) -> None:

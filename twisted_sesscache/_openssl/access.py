@@ -202,6 +202,11 @@ class OpenSSLAccess:
         data = lib.SSL_SESSION_get_id(self._ptr(_session_of(session)), length)
         return bytes(self._ffi.buffer(data, length[0]))
 
+    def session_protocol_version(self, session: SSL.Session) -> int:
+        """The protocol version the session was made with (0x0304: TLS 1.3)."""
+        lib = self._need("Reading a session's protocol version")
+        return int(lib.SSL_SESSION_get_protocol_version(self._ptr(_session_of(session))))
+
     def session_expiry(self, session: SSL.Session) -> int:
         """When the session stops being resumable, in seconds since the epoch."""
         lib = self._need("Reading a session's lifetime")

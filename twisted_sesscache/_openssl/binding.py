@@ -54,6 +54,7 @@ uint64_t SSL_CTX_clear_options(void *ctx, uint64_t options);
 long SSL_SESSION_get_time(const void *session);
 long SSL_SESSION_get_timeout(const void *session);
 const unsigned char *SSL_SESSION_get_id(const void *session, unsigned int *len);
+int SSL_SESSION_get_protocol_version(const void *session);
 void SSL_CTX_sess_set_new_cb(void *ctx, int (*cb)(void *ssl, void *session));
 void SSL_CTX_sess_set_remove_cb(void *ctx, void (*cb)(void *ctx, void *session));
 void SSL_CTX_sess_set_get_cb(void *ctx,

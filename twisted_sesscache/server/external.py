@@ -55,9 +55,13 @@ class ExternalSessions:
         *,
         lookup_timeout: float = 0.05,
         reactor: Any = None,
+        stateless_tls13: bool = False,
     ) -> None:
         self.records = SealedRecords(store, sealer, SESSION_KIND, timeout=lookup_timeout, reactor=reactor)
         self.runtime = runtime
+        # Tickets on: a TLS 1.3 session travels in its ticket and is never looked up by
+        # its (dummy) ID, though OpenSSL still reports it to the new-session callback.
+        self.stateless_tls13 = stateless_tls13
         # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
         self.synchronous = bool(store.answers_at_once)
         # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
@@ -77,6 +81,8 @@ class ExternalSessions:
         held = self._held_ids(context)
 
         def on_new(connection: SSL.Connection | None, session: SSL.Session) -> None:
+            if self._in_ticket(session):
+                return
             ttl = self.runtime.session_expiry(session) - int(time.time())
             session_id = self.runtime.session_id(session)
             if held is not None and _never_switched(context):
@@ -84,6 +90,8 @@ class ExternalSessions:
             self.records.put(self.key(sid_context, session_id), self.runtime.session_to_der(session), sid_context, ttl)
 
         def on_remove(session: SSL.Session) -> None:
+            if self._in_ticket(session):
+                return  # never written
             session_id = self.runtime.session_id(session)
             if held is not None:
                 held.discard(session_id)
@@ -103,6 +111,10 @@ class ExternalSessions:
             return session
 
         self.runtime.set_session_callbacks(context, new=on_new, remove=on_remove, get=on_get)
+
+    def _in_ticket(self, session: SSL.Session) -> bool:
+        """A TLS 1.3 session whose stateless ticket holds it: nothing for the store."""
+        return self.stateless_tls13 and self.runtime.session_protocol_version(session) == TLS13
 
     def _held_ids(self, context: SSL.Context) -> set[bytes] | None:
         """The set of IDs held in ``context``'s own cache; None when OpenSSL would not resume from it.
