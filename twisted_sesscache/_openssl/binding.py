@@ -74,6 +74,7 @@ typedef struct ossl_param_st {
 int SSL_CTX_set_tlsext_ticket_key_evp_cb(void *ctx,
     int (*cb)(void *ssl, unsigned char *name, unsigned char *iv, void *cipher, void *mac, int enc));
 const void *EVP_aes_256_cbc(void);
+void *EVP_CIPHER_fetch(void *libctx, const char *algorithm, const char *properties);
 int EVP_EncryptInit_ex(void *ctx, const void *cipher, void *engine, const unsigned char *key, const unsigned char *iv);
 int EVP_DecryptInit_ex(void *ctx, const void *cipher, void *engine, const unsigned char *key, const unsigned char *iv);
 int EVP_MAC_CTX_set_params(void *ctx, const OSSL_PARAM *params);

@@ -116,6 +116,8 @@ class TicketKeyCallback:
         self._handles = handles
         self._by_context: dict[int, ITicketKeySource] = {}
         self._entry_point: Any = None
+        # The OSSL_PARAMs that set each HMAC key, made once per key (a few dozen at most).
+        self._mac_params: dict[bytes, tuple[Any, ...]] = {}
 
     def install(self, context: SSL.Context, keys: ITicketKeySource) -> None:
         pointer = self._handles.context_pointer(context)
@@ -129,7 +131,20 @@ class TicketKeyCallback:
         if self._entry_point is not None:
             return self._entry_point
         ffi, lib = self._handles
-        cipher = lib.EVP_aes_256_cbc()
+        # Fetched once: the legacy EVP_aes_256_cbc() makes OpenSSL 3 fetch it again on every init.
+        cipher = lib.EVP_CIPHER_fetch(ffi.NULL, b"AES-256-CBC", ffi.NULL)
+        if cipher == ffi.NULL:
+            drain_errors()
+            cipher = lib.EVP_aes_256_cbc()
+        cached = self._mac_params
+
+        def mac_params(hmac_key: bytes) -> Any:
+            params = cached.get(hmac_key)
+            if params is None:
+                if len(cached) >= _MAX_MAC_PARAMS:
+                    cached.clear()
+                params = cached[hmac_key] = _mac_params(ffi, hmac_key)
+            return params[0]
 
         def on_ticket(ssl: Any, name: Any, iv: Any, cipher_ctx: Any, mac_ctx: Any, enc: int) -> int:
             keys = self._by_context.get(int(ffi.cast("uintptr_t", lib.SSL_get_SSL_CTX(ssl))))
@@ -152,8 +167,7 @@ class TicketKeyCallback:
                 # only when asked: always renew there; TLS 1.2 renews old keys' tickets.
                 renew = not current or lib.SSL_version(ssl) >= TLS1_3_VERSION
                 init = lib.EVP_DecryptInit_ex
-            params = _mac_params(ffi, key.hmac)
-            if lib.EVP_MAC_CTX_set_params(mac_ctx, params[0]) != 1 or init(cipher_ctx, cipher, ffi.NULL, key.aes, iv) != 1:
+            if lib.EVP_MAC_CTX_set_params(mac_ctx, mac_params(key.hmac)) != 1 or init(cipher_ctx, cipher, ffi.NULL, key.aes, iv) != 1:
                 drain_errors()
                 return -1
             return 2 if renew else 1  # 2: OpenSSL renews the ticket (TLS 1.3 needs the ask)
@@ -162,6 +176,9 @@ class TicketKeyCallback:
             "int(void *, unsigned char *, unsigned char *, void *, void *, int)", on_ticket, error=-1, onerror=report
         )
         return self._entry_point
+
+
+_MAX_MAC_PARAMS = 64  # more keys than any window holds (MAX_WINDOW + 2)
 
 
 def _mac_params(ffi: Any, hmac_key: bytes) -> tuple[Any, ...]:
