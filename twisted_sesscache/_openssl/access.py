@@ -107,16 +107,9 @@ class OpenSSLAccess:
     def session_to_der(self, session: SSL.Session) -> bytes:
         """i2d_SSL_SESSION: the session as OpenSSL serialises it."""
         if self.shared:
-            # One encoding pass: given a NULL buffer, i2d allocates one of the right size.
-            lib, out = self._lib, self._ffi.new("unsigned char **")
-            length = lib.i2d_SSL_SESSION(self._ptr(_session_of(session)), out)
-            if length <= 0:
-                raise ValueError("OpenSSL could not encode the session")
-            try:
-                return bytes(self._ffi.buffer(out[0], length))
-            finally:
-                lib.CRYPTO_free(out[0], b"", 0)
-        ffi, lib, pointer = pyffi, pylib, _session_of(session)
+            ffi, lib, pointer = self._ffi, self._lib, self._ptr(_session_of(session))
+        else:
+            ffi, lib, pointer = pyffi, pylib, _session_of(session)
         length = lib.i2d_SSL_SESSION(pointer, ffi.NULL)
         if length <= 0:
             raise ValueError("OpenSSL could not encode the session")

@@ -65,7 +65,6 @@ int SSL_SESSION_up_ref(void *session);
 void SSL_SESSION_free(void *session);
 void *d2i_SSL_SESSION(void **a, unsigned char **pp, long length);
 int i2d_SSL_SESSION(void *session, unsigned char **pp);
-void CRYPTO_free(void *ptr, const char *file, int line);
 int SSL_SESSION_set1_id(void *s, const unsigned char *sid, unsigned int sid_len);
 long SSL_SESSION_set_time(void *s, long t);
 long SSL_SESSION_set_timeout(void *s, long t);

@@ -196,11 +196,8 @@ class ExternalSessions:
 
     def forget(self, connection: SSL.Connection) -> None:
         """Drop what was fetched for a connection whose handshake is over."""
-        # Usually both are empty (nothing fetched, OpenSSL held it): then no weak reference is made.
-        if self._fetched:
-            self._fetched.pop(connection, None)
-        if self._asked:
-            self._asked.pop(connection, None)
+        self._fetched.pop(connection, None)
+        self._asked.pop(connection, None)
 
 
 def _never_switched(context: SSL.Context) -> bool:
