@@ -43,7 +43,7 @@ class Sharing:
         if runtime.shared:  # the bundled runtime cannot reach OpenSSL's session callbacks
             self.external = ExternalSessions(
                 self.store, self.sealer, runtime, lookup_timeout=config.store_timeout, reactor=clock,
-                stateless_tls13=bool(config.tickets),
+                tickets=bool(config.tickets),
             )
         self.ticket_keys: SharedTicketKeys | None = None
         if config.tickets is Tickets.SHARED:

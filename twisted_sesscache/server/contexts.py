@@ -128,7 +128,6 @@ class ServerContexts:
             self.session_id_context(context),
             hello,
             tls13=self._tls13.get(id(context), True),
-            tickets=bool(self.config.tickets),
         )
 
     def holds_session(self, connection: WatchedConnection, session_id: bytes) -> bool:

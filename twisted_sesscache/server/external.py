@@ -55,13 +55,14 @@ class ExternalSessions:
         *,
         lookup_timeout: float = 0.05,
         reactor: Any = None,
-        stateless_tls13: bool = False,
+        tickets: bool = False,
     ) -> None:
         self.records = SealedRecords(store, sealer, SESSION_KIND, timeout=lookup_timeout, reactor=reactor)
         self.runtime = runtime
-        # Tickets on: a TLS 1.3 session travels in its ticket and is never looked up by
-        # its (dummy) ID, though OpenSSL still reports it to the new-session callback.
-        self.stateless_tls13 = stateless_tls13
+        # Stateless tickets on (tickets=yes|shared): a TLS 1.3 session travels in its ticket
+        # and is never looked up by its (dummy) ID, though OpenSSL still reports it to the
+        # new-session callback; a TLS 1.2 hello with a ticket resumes from it or not at all.
+        self.tickets = tickets
         # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
         self.synchronous = bool(store.answers_at_once)
         # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
@@ -114,7 +115,7 @@ class ExternalSessions:
 
     def _in_ticket(self, session: SSL.Session) -> bool:
         """A TLS 1.3 session whose stateless ticket holds it: nothing for the store."""
-        return self.stateless_tls13 and self.runtime.session_protocol_version(session) == TLS13
+        return self.tickets and self.runtime.session_protocol_version(session) == TLS13
 
     def _held_ids(self, context: SSL.Context) -> set[bytes] | None:
         """The set of IDs held in ``context``'s own cache; None when OpenSSL would not resume from it.
@@ -140,18 +141,18 @@ class ExternalSessions:
         return _listener_prefix(sid_context) + session_id.hex().encode()
 
     def prefetch(
-        self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool, tickets: bool = False
+        self, connection: SSL.Connection, sid_context: bytes, hello: ClientHello, *, tls13: bool
     ) -> Deferred[None] | None:
         """Fetch what the hello offers into the connection's buffer; None if it offers nothing to fetch.
 
         When both sides speak TLS 1.3, the legacy session ID is the random
         value of middlebox compatibility mode, not a session: only the PSK
         identities are looked up, sparing the store a query per new client.
-        With ``tickets`` on, a TLS 1.2 hello that carries a ticket resumes from
-        it or not at all: OpenSSL never looks its session ID up, so neither do we.
+        With tickets on, a TLS 1.2 hello that carries a ticket resumes from it
+        or not at all: OpenSSL never looks its session ID up, so neither do we.
         A session OpenSSL holds itself is resumed from there: it is not fetched.
         """
-        if tls13 and TLS13 in hello.supported_versions or tickets and hello.ticket:
+        if tls13 and TLS13 in hello.supported_versions or self.tickets and hello.ticket:
             legacy: tuple[bytes, ...] = ()
         else:
             legacy = (hello.session_id,)
