@@ -22,7 +22,7 @@ def fill_cache(context: SSL.Context, der: bytes, count: int, created: Callable[[
     if handles is None:
         raise NeedsSharedOpenSSL("Filling a session cache with copies", openssl_version())
     ffi, lib = handles
-    pointer = handles.context_pointer(context)
+    pointer = context._context  # pyOpenSSL's SSL_CTX *, which the binding takes as it is
     source = ffi.new("unsigned char[]", der)
     cursor = ffi.new("unsigned char **")
     ids = os.urandom(32 * count)

@@ -50,7 +50,6 @@ class OpenSSLAccess:
         self.name = SHARED if shared else BUNDLED
         self.version = openssl_version()
         self._handles = shared
-        self._ffi: Any = shared.ffi if shared else None
         self._lib: Any = shared.lib if shared else None
         self._session_callbacks: SessionCallbacks | None = None
         self._ticket_callback: TicketKeyCallback | None = None
@@ -76,11 +75,6 @@ class OpenSSLAccess:
             raise NeedsSharedOpenSSL(operation, self.version)
         return self._lib
 
-    def _ptr(self, cdata: Any) -> Any:
-        """pyOpenSSL's cdata pointer, retyped for our cffi instance."""
-        assert self._handles is not None
-        return self._handles.pointer(cdata)
-
     # -- everywhere ------------------------------------------------------
 
     def context_options(self, context: SSL.Context) -> int:
@@ -98,7 +92,7 @@ class OpenSSLAccess:
                     "(pass CertificateOptions(enableSessionTickets=True) instead)",
                     self.version,
                 )
-            self._lib.SSL_CTX_clear_options(self._ptr(context._context), SSL.OP_NO_TICKET)
+            self._lib.SSL_CTX_clear_options(context._context, SSL.OP_NO_TICKET)
 
     def ignore_unexpected_eof(self, connection: SSL.Connection) -> None:
         """Keep this one connection's session alive when the peer skips close_notify."""
@@ -106,34 +100,25 @@ class OpenSSLAccess:
 
     def session_to_der(self, session: SSL.Session) -> bytes:
         """i2d_SSL_SESSION: the session as OpenSSL serialises it."""
-        if self.shared:
-            ffi, lib, pointer = self._ffi, self._lib, self._ptr(_session_of(session))
-        else:
-            ffi, lib, pointer = pyffi, pylib, _session_of(session)
-        length = lib.i2d_SSL_SESSION(pointer, ffi.NULL)
+        lib, pointer = self._lib or pylib, _session_of(session)
+        length = lib.i2d_SSL_SESSION(pointer, pyffi.NULL)
         if length <= 0:
             raise ValueError("OpenSSL could not encode the session")
-        buffer = ffi.new("unsigned char[]", length)
-        cursor = ffi.new("unsigned char **", buffer)
-        lib.i2d_SSL_SESSION(pointer, cursor)
-        return bytes(ffi.buffer(buffer, length))
+        buffer = pyffi.new("unsigned char[]", length)
+        lib.i2d_SSL_SESSION(pointer, pyffi.new("unsigned char **", buffer))
+        return pyffi.buffer(buffer, length)[:]
 
     def session_from_der(self, der: bytes) -> SSL.Session:
         """d2i_SSL_SESSION; ValueError for bytes OpenSSL rejects."""
-        pointer = self._decode_session(der)
-        if self.shared:
-            session = self._adopt(pointer)
-            self._lib.SSL_SESSION_free(pointer)  # _adopt took its own reference
-            return session
+        pointer = pyffi.cast("SSL_SESSION *", self._decode_session(der))
         return _session_holding(pyffi.gc(pointer, pylib.SSL_SESSION_free))
 
     def _decode_session(self, der: bytes) -> Any:
         """A new SSL_SESSION reference (the caller owns it) from DER bytes."""
-        ffi, lib = (self._ffi, self._lib) if self.shared else (pyffi, pylib)
-        source = ffi.new("unsigned char[]", der)
-        cursor = ffi.new("unsigned char **", source)
-        pointer = lib.d2i_SSL_SESSION(ffi.NULL, cursor, len(der))
-        if pointer == ffi.NULL:
+        lib = self._lib or pylib
+        source = pyffi.new("unsigned char[]", der)
+        pointer = lib.d2i_SSL_SESSION(pyffi.NULL, pyffi.new("unsigned char **", source), len(der))
+        if pointer == pyffi.NULL:
             drain_errors()
             raise ValueError("OpenSSL rejected the session bytes")
         return pointer
@@ -164,14 +149,14 @@ class OpenSSLAccess:
 
     def set_cache_size(self, context: SSL.Context, size: int) -> None:
         lib = self._need("A session cache size limit")
-        lib.SSL_CTX_ctrl(self._ptr(context._context), CTRL_SET_SESS_CACHE_SIZE, size, self._ffi.NULL)
+        lib.SSL_CTX_ctrl(context._context, CTRL_SET_SESS_CACHE_SIZE, size, pyffi.NULL)
 
     def counters(self, context: SSL.Context) -> dict[str, int]:
         """OpenSSL's SSL_CTX_sess_* statistics for one context."""
         lib = self._need("OpenSSL's session statistics")
-        pointer = self._ptr(context._context)
+        pointer = context._context
         return {
-            name: int(lib.SSL_CTX_ctrl(pointer, command, 0, self._ffi.NULL))
+            name: int(lib.SSL_CTX_ctrl(pointer, command, 0, pyffi.NULL))
             for name, command in COUNTERS.items()
         }
 
@@ -180,37 +165,37 @@ class OpenSSLAccess:
         if self.context_options(context) & getattr(SSL, "OP_NO_TLSv1_3", 0):
             return False
         lib = self._need("Reading the protocol version bounds")
-        highest = lib.SSL_CTX_ctrl(self._ptr(context._context), CTRL_GET_MAX_PROTO_VERSION, 0, self._ffi.NULL)
+        highest = lib.SSL_CTX_ctrl(context._context, CTRL_GET_MAX_PROTO_VERSION, 0, pyffi.NULL)
         return highest == 0 or highest >= TLS1_3_VERSION
 
     def flush(self, context: SSL.Context, now: int) -> None:
         """SSL_CTX_flush_sessions(3): drop sessions expired at ``now``."""
         lib = self._need("Flushing expired sessions")
-        lib.SSL_CTX_flush_sessions(self._ptr(context._context), now)
+        lib.SSL_CTX_flush_sessions(context._context, now)
 
     def add_session(self, context: SSL.Context, session: SSL.Session) -> bool:
         lib = self._need("Adding a session to the cache")
-        return bool(lib.SSL_CTX_add_session(self._ptr(context._context), self._ptr(_session_of(session))))
+        return bool(lib.SSL_CTX_add_session(context._context, _session_of(session)))
 
     def remove_session(self, context: SSL.Context, session: SSL.Session) -> bool:
         lib = self._need("Removing a session from the cache")
-        return bool(lib.SSL_CTX_remove_session(self._ptr(context._context), self._ptr(_session_of(session))))
+        return bool(lib.SSL_CTX_remove_session(context._context, _session_of(session)))
 
     def session_id(self, session: SSL.Session) -> bytes:
         lib = self._need("Reading a session ID")
-        length = self._ffi.new("unsigned int *")
-        data = lib.SSL_SESSION_get_id(self._ptr(_session_of(session)), length)
-        return bytes(self._ffi.buffer(data, length[0]))
+        length = pyffi.new("unsigned int *")
+        data = lib.SSL_SESSION_get_id(_session_of(session), length)
+        return pyffi.buffer(data, length[0])[:]
 
     def session_protocol_version(self, session: SSL.Session) -> int:
         """The protocol version the session was made with (0x0304: TLS 1.3)."""
         lib = self._need("Reading a session's protocol version")
-        return int(lib.SSL_SESSION_get_protocol_version(self._ptr(_session_of(session))))
+        return int(lib.SSL_SESSION_get_protocol_version(_session_of(session)))
 
     def session_expiry(self, session: SSL.Session) -> int:
         """When the session stops being resumable, in seconds since the epoch."""
         lib = self._need("Reading a session's lifetime")
-        pointer = self._ptr(_session_of(session))
+        pointer = _session_of(session)
         return int(lib.SSL_SESSION_get_time(pointer) + lib.SSL_SESSION_get_timeout(pointer))
 
     def set_session_callbacks(
@@ -252,17 +237,14 @@ class OpenSSLAccess:
 
     def _reference(self, session: SSL.Session) -> Any:
         """A new reference to the session's SSL_SESSION, for OpenSSL to own."""
-        pointer = self._ptr(_session_of(session))
+        pointer = _session_of(session)
         self._lib.SSL_SESSION_up_ref(pointer)
         return pointer
 
     def _adopt(self, pointer: Any) -> SSL.Session:
         """A pyOpenSSL Session holding its own reference to an SSL_SESSION."""
         self._lib.SSL_SESSION_up_ref(pointer)
-        session = _session_holding(pyffi.gc(
-            pyffi.cast("SSL_SESSION *", int(self._ffi.cast("uintptr_t", pointer))), pylib.SSL_SESSION_free
-        ))
-        return session
+        return _session_holding(pyffi.gc(pyffi.cast("SSL_SESSION *", pointer), pylib.SSL_SESSION_free))
 
 
 # SSL_OP_IGNORE_UNEXPECTED_EOF (openssl/ssl.h); pyOpenSSL has it, its type stubs do not.

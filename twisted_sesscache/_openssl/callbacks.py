@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_sesscache._openssl.binding import TLS1_3_VERSION, Shared, drain_errors, pyffi
+from twisted_sesscache._openssl.binding import TLS1_3_VERSION, Shared, address, drain_errors, pyffi
 from twisted_sesscache.interfaces import ITicketKeySource
 
 NewSessionCallback = Callable[["SSL.Connection | None", SSL.Session], None]
@@ -59,12 +59,11 @@ class SessionCallbacks:
         get: GetSessionCallback | None,
     ) -> None:
         lib = self._handles.lib
-        pointer = self._handles.context_pointer(context)
-        address = self._handles.address(pointer)
-        self._by_context[address] = _Handlers(new, remove, get)
+        pointer = context._context
+        self._by_context[address(pointer)] = _Handlers(new, remove, get)
         # Dropped before OpenSSL frees the context, so that the removals
         # SSL_CTX_free reports find no handler rather than a dead one.
-        weakref.finalize(context, self._by_context.pop, address, None)
+        weakref.finalize(context, self._by_context.pop, address(pointer), None)
         on_new, on_remove, on_get = self._trampolines()
         if new is not None:
             lib.SSL_CTX_sess_set_new_cb(pointer, on_new)
@@ -80,16 +79,16 @@ class SessionCallbacks:
         ffi, lib = self._handles
 
         def handlers_of_ssl(ssl: Any) -> _Handlers | None:
-            return self._by_context.get(int(ffi.cast("uintptr_t", lib.SSL_get_SSL_CTX(ssl))))
+            return self._by_context.get(address(lib.SSL_get_SSL_CTX(ssl)))
 
         def on_new(ssl: Any, pointer: Any) -> int:
             handlers = handlers_of_ssl(ssl)
             if handlers is not None and handlers.new is not None:
-                handlers.new(_connection_of(ffi, ssl), self._adopt(pointer))
+                handlers.new(_connection_of(ssl), self._adopt(pointer))
             return 0  # OpenSSL keeps its own reference; adopt took ours
 
         def on_remove(ctx: Any, pointer: Any) -> None:
-            handlers = self._by_context.get(int(ffi.cast("uintptr_t", ctx)))
+            handlers = self._by_context.get(address(ctx))
             if handlers is not None and handlers.remove is not None:
                 handlers.remove(self._adopt(pointer))
 
@@ -98,7 +97,7 @@ class SessionCallbacks:
             handlers = handlers_of_ssl(ssl)
             if handlers is None or handlers.get is None:
                 return ffi.NULL
-            session = handlers.get(_connection_of(ffi, ssl), bytes(ffi.buffer(data, length)))
+            session = handlers.get(_connection_of(ssl), pyffi.buffer(data, length)[:])
             return self._reference(session) if session is not None else ffi.NULL
 
         self._entry_points = (
@@ -120,10 +119,9 @@ class TicketKeyCallback:
         self._mac_params: dict[bytes, tuple[Any, ...]] = {}
 
     def install(self, context: SSL.Context, keys: ITicketKeySource) -> None:
-        pointer = self._handles.context_pointer(context)
-        address = self._handles.address(pointer)
-        self._by_context[address] = keys
-        weakref.finalize(context, self._by_context.pop, address, None)
+        pointer = context._context
+        self._by_context[address(pointer)] = keys
+        weakref.finalize(context, self._by_context.pop, address(pointer), None)
         if self._handles.lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(pointer, self._trampoline()) != 1:
             raise RuntimeError("OpenSSL refused the ticket key callback")
 
@@ -147,19 +145,19 @@ class TicketKeyCallback:
             return params[0]
 
         def on_ticket(ssl: Any, name: Any, iv: Any, cipher_ctx: Any, mac_ctx: Any, enc: int) -> int:
-            keys = self._by_context.get(int(ffi.cast("uintptr_t", lib.SSL_get_SSL_CTX(ssl))))
+            keys = self._by_context.get(address(lib.SSL_get_SSL_CTX(ssl)))
             if keys is None:
                 return 0
             if enc:
                 key = keys.current()
                 if key is None:
                     return 0  # no shared key yet: issue no ticket
-                ffi.memmove(name, key.name, 16)
-                ffi.memmove(iv, os.urandom(16), 16)
+                pyffi.memmove(name, key.name, 16)
+                pyffi.memmove(iv, os.urandom(16), 16)
                 renew = False
                 init = lib.EVP_EncryptInit_ex
             else:
-                found = keys.find(bytes(ffi.buffer(name, 16)))
+                found = keys.find(pyffi.buffer(name, 16)[:])
                 if found is None:
                     return 0  # unknown key: full handshake, new ticket
                 key, current = found
@@ -191,10 +189,9 @@ def _mac_params(ffi: Any, hmac_key: bytes) -> tuple[Any, ...]:
     return params, key_buffer, names
 
 
-def _connection_of(ffi: Any, ssl: Any) -> SSL.Connection | None:
+def _connection_of(ssl: Any) -> SSL.Connection | None:
     """The pyOpenSSL Connection that owns an ``SSL *`` (pyOpenSSL keeps the map, privately)."""
-    key = pyffi.cast("SSL *", int(ffi.cast("uintptr_t", ssl)))
-    return SSL.Connection._reverse_mapping.get(key)  # type: ignore[attr-defined]
+    return SSL.Connection._reverse_mapping.get(pyffi.cast("SSL *", ssl))  # type: ignore[attr-defined]
 
 
 def report(exception_type: type[BaseException], value: BaseException, traceback: Any) -> None:
