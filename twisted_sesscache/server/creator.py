@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -58,6 +58,7 @@ class SessionServerCreator:
     def __init__(self, cache: ServerContexts, options: Any, alpn: Sequence[bytes] = ()) -> None:
         self.cache = cache
         self.options = options
+        self._creates_connections = IOpenSSLServerConnectionCreator.providedBy(options)
         self._sid_context = derived_session_id_context(options)
         # Before the first connection: pyOpenSSL 25+ refuses to change a used context.
         preference = protocols_for(alpn, options)
@@ -77,9 +78,10 @@ class SessionServerCreator:
         """For code that still asks for a context factory's context."""
         return self.cache.attach(self.options.getContext(), self._sid_context)
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # a WatchedConnection stands in
-        if IOpenSSLServerConnectionCreator.providedBy(self.options):
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        if self._creates_connections:
             connection = self.options.serverConnectionForTLS(tlsProtocol)
         else:
             connection = SSL.Connection(self.options.getContext(), None)
-        return cast(SSL.Connection, self.cache.watch(connection, self._sid_context))
+        watched: Any = self.cache.watch(connection, self._sid_context)  # stands in for the SSL.Connection
+        return watched

@@ -65,7 +65,8 @@ class ExternalSessions:
         self.tickets = tickets
         # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
         self.synchronous = bool(store.answers_at_once)
-        # Lookups made so far for each connection in the callback (bounded, as a prefetch is).
+        # A synchronous store: lookups made so far for each connection in the callback
+        # (bounded, as a prefetch is). A store that answers later: what each prefetch found.
         self._asked: weakref.WeakKeyDictionary[SSL.Connection, int] = weakref.WeakKeyDictionary()
         self._fetched: weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, SSL.Session]] = (
             weakref.WeakKeyDictionary()
@@ -196,9 +197,8 @@ class ExternalSessions:
         return self.records.fetch(self.key(sid_context, session_id), sid_context, decode)
 
     def forget(self, connection: SSL.Connection) -> None:
-        """Drop what was fetched for a connection whose handshake is over."""
-        self._fetched.pop(connection, None)
-        self._asked.pop(connection, None)
+        """Drop what was fetched (or the lookups counted) for a connection whose handshake is over."""
+        (self._asked if self.synchronous else self._fetched).pop(connection, None)
 
 
 def _never_switched(context: SSL.Context) -> bool:

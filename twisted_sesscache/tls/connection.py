@@ -163,8 +163,10 @@ class WatchedConnection:
         then forgets it (``connectionLost`` sets ``_tlsConnection`` to None),
         so a lookup answering late must find nothing left to do.
         """
+        if self.handshake_complete or self._closed or self._failed:
+            return  # a lookup that answered after the handshake (the hello overflowed): nothing to drive
         tls_protocol = self.connection.get_app_data()
-        if self._closed or self._failed or tls_protocol is None or not getattr(tls_protocol, "connected", False):
+        if tls_protocol is None or not getattr(tls_protocol, "connected", False):
             return
         tls_protocol.dataReceived(b"")
 
@@ -181,7 +183,8 @@ class WatchedConnection:
             raise SSL.WantReadError()
 
     def do_handshake(self) -> None:
-        self._begin()
+        if self._waiting or not self._started:
+            self._begin()
         try:
             self.connection.do_handshake()
         except _RETRY:
@@ -192,6 +195,10 @@ class WatchedConnection:
         if not self.handshake_complete:
             self.handshake_complete = True
             self._observer.handshake_done(self)
+            if self._held is None:
+                # Nothing is held back any more: the records that follow go straight to OpenSSL.
+                self.__dict__["bio_write"] = self.connection.bio_write
+                self.__dict__["send"] = self.connection.send
 
     def send(self, buf: bytes, flags: int = 0) -> int:
         # Twisted writes what the application sends in connectionMade before it
