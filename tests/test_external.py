@@ -131,12 +131,7 @@ def test_a_store_that_answers_later_is_not_asked_for_what_openssl_holds(
 def test_with_tickets_the_store_is_neither_asked_nor_written(
     reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path, tls: str
 ) -> None:
-    """Sessions travel in their tickets: nothing is fetched, nothing but ticket keys written.
-
-    OpenSSL resumes a TLS 1.2 hello that carries a ticket from it or not at
-    all, so its session ID is not fetched; and it reports each TLS 1.3 session
-    to the new-session callback, whose dummy ID nobody will ever look up.
-    """
+    """Sessions travel in their tickets: no hello is read, nothing fetched, nothing but ticket keys written."""
     store = CountingStore()
     session = tmp_path / "s.pem"
     with fleet(reactor_thread, tls_files, store, count=2, tickets="shared") as (ports, caches):
@@ -149,6 +144,27 @@ def test_with_tickets_the_store_is_neither_asked_nor_written(
         assert store.gets == gets
         assert sum(reactor_thread.call(cache.stats)["store_writes"] for cache in caches) == 0
         assert store._entries and all(key.startswith(b"ticket-key:") for key in store._entries)
+        watched = reactor_thread.call(lambda: caches[1].watch(SSL.Connection(caches[1].contexts[0], None)))
+        assert watched._held is None  # the bytes go straight to OpenSSL
+        for cache in caches:
+            reactor_thread.call(cache.stop)
+
+
+def test_with_tickets_a_tls12_client_that_takes_none_resumes_where_it_began(
+    reactor_thread: ReactorThread, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The store (one that answers later) is not asked for sessions: such a client resumes on its first listener only."""
+    store = CountingStore()
+    session = tmp_path / "s.pem"
+    no_ticket = ("-no_ticket",)
+    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared") as (ports, caches):
+        for cache in caches:
+            reactor_thread.call(cache.start)
+        gets = store.gets  # the ticket keys'
+        assert s_client(ports[0], sess_out=session, extra=no_ticket) == "New"
+        assert s_client(ports[0], sess_in=session, extra=no_ticket) == "Reused"  # OpenSSL's own cache
+        assert s_client(ports[1], sess_in=session, extra=no_ticket) == "New"
+        assert store.gets == gets
         for cache in caches:
             reactor_thread.call(cache.stop)
 

@@ -23,6 +23,7 @@ from twisted_sesscache.sealing import UNSEALED, RecordSealer, Sealer, key_finger
 from twisted_sesscache.server.external import ExternalSessions
 from twisted_sesscache.server.tickets import SharedTicketKeys
 from twisted_sesscache.stores import store_from_url
+from twisted_sesscache.stores.sealed import COUNTERS as RECORD_COUNTERS
 
 # Records an in-process store drops per flush tick at most (a few milliseconds' work).
 STORE_EXPIRY_BUDGET = 1000
@@ -40,7 +41,8 @@ class Sharing:
         self.sealer: RecordSealer = Sealer(keys) if keys else UNSEALED
         self.key_fingerprint = key_fingerprint(keys[0]) if keys else None
         self.external: ExternalSessions | None = None
-        if runtime.shared:  # the bundled runtime cannot reach OpenSSL's session callbacks
+        # The bundled runtime cannot reach OpenSSL's session callbacks.
+        if runtime.shared and _asks_store_for_sessions(config, self.store):
             self.external = ExternalSessions(
                 self.store, self.sealer, runtime, lookup_timeout=config.store_timeout, reactor=clock,
                 tickets=bool(config.tickets),
@@ -76,9 +78,22 @@ class Sharing:
     def stats(self) -> dict[str, object]:
         summary: dict[str, object] = {"store": type(self.store).__name__, "store_key_fingerprint": self.key_fingerprint}
         summary.update(self.store.stats())
-        if self.external is not None:
-            summary.update(self.external.counts)
+        # No external sessions (tickets, or the bundled runtime): no server lookup was made.
+        summary.update(self.external.counts if self.external is not None else dict.fromkeys(RECORD_COUNTERS, 0))
         return summary
+
+
+def _asks_store_for_sessions(config: CacheConfig, store: ISessionStore) -> bool:
+    """Whether server sessions go through the store, besides OpenSSL's own cache.
+
+    Not with tickets on and a store that answers later (Redis): sessions
+    travel in their tickets, and only a TLS 1.2 client that takes no ticket
+    would resume from the store, which for the store to be asked in time
+    means reading every hello before OpenSSL does, for every client. Such a
+    client resumes on the process it first met. A store that answers at once
+    (LMDB) is asked inside OpenSSL's callback, for those clients only.
+    """
+    return not config.tickets or bool(store.answers_at_once)
 
 
 def _store(config: CacheConfig, clock: IReactorTime) -> ISessionStore:

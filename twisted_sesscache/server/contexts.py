@@ -77,13 +77,15 @@ class ServerContexts:
             self.runtime.set_ticket_keys(context, sharing.ticket_keys)
         if not self.config.mode & CacheMode.SERVER:
             return
-        if sharing.external is not None:
+        if sharing.external is not None or sharing.ticket_keys is not None:
+            # Processes resume each other's sessions only under one session-ID context.
             if not sid_context:
                 raise ConfigurationError(
                     "session_id_context", "a shared session store needs a session-ID context (session_id_context=...)"
                 )
-            sharing.external.wire(context, sid_context)
-        else:
+            if sharing.external is not None:
+                sharing.external.wire(context, sid_context)
+        elif not self.runtime.shared:
             self.log.warn(
                 "The {runtime} runtime cannot give OpenSSL an external session store: server sessions "
                 "stay in this process (install pyOpenSSL on the system libssl to share them)",

@@ -59,9 +59,9 @@ class ExternalSessions:
     ) -> None:
         self.records = SealedRecords(store, sealer, SESSION_KIND, timeout=lookup_timeout, reactor=reactor)
         self.runtime = runtime
-        # Stateless tickets on (tickets=yes|shared): a TLS 1.3 session travels in its ticket
-        # and is never looked up by its (dummy) ID, though OpenSSL still reports it to the
-        # new-session callback; a TLS 1.2 hello with a ticket resumes from it or not at all.
+        # Stateless tickets on (tickets=yes|shared; then the store answers at once, see
+        # sharing.py): a TLS 1.3 session travels in its ticket and is never looked up by its
+        # (dummy) ID, though OpenSSL still reports it to the new-session callback.
         self.tickets = tickets
         # Looked up inside OpenSSL's callback, no prefetch: the hello need not be read.
         self.synchronous = bool(store.answers_at_once)
@@ -149,11 +149,9 @@ class ExternalSessions:
         When both sides speak TLS 1.3, the legacy session ID is the random
         value of middlebox compatibility mode, not a session: only the PSK
         identities are looked up, sparing the store a query per new client.
-        With tickets on, a TLS 1.2 hello that carries a ticket resumes from it
-        or not at all: OpenSSL never looks its session ID up, so neither do we.
         A session OpenSSL holds itself is resumed from there: it is not fetched.
         """
-        if tls13 and TLS13 in hello.supported_versions or self.tickets and hello.ticket:
+        if tls13 and TLS13 in hello.supported_versions:
             legacy: tuple[bytes, ...] = ()
         else:
             legacy = (hello.session_id,)
