@@ -195,8 +195,13 @@ class ExternalSessions:
         return self.records.fetch(self.key(sid_context, session_id), sid_context, decode)
 
     def forget(self, connection: SSL.Connection) -> None:
-        """Drop what was fetched (or the lookups counted) for a connection whose handshake is over."""
-        (self._asked if self.synchronous else self._fetched).pop(connection, None)
+        """Drop what was fetched for a connection whose handshake is over.
+
+        A synchronous store's lookup counts stay until the connection goes
+        (weak keys): most connections have none, and looking costs a weak reference.
+        """
+        if not self.synchronous:
+            self._fetched.pop(connection, None)
 
 
 def _never_switched(context: SSL.Context) -> bool:
