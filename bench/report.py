@@ -244,7 +244,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
     target = "worst reactor stall from a scheduled flush of 100,000 sessions < 20 ms"
     if big and "scheduled" in big:
         scheduled, sliced = big["scheduled"]["worst_ms"], big["sliced"]["worst_ms"]
-        add(target, f"{scheduled:.1f} ms (SessionCache's sliced flush loop)", "pass" if scheduled < 20 else "miss")
+        removed = big["scheduled"]["removed"]
+        if removed < big["sessions"]:  # a stall is only measured while the loop flushes them all
+            add(target, f"{scheduled:.1f} ms, but the loop removed only {removed:,}", "miss")
+        else:
+            add(target, f"{scheduled:.1f} ms (SessionCache's sliced flush loop)", "pass" if scheduled < 20 else "miss")
         add("… the same slicing driven by hand (cross-check)", f"{sliced:.1f} ms", "pass" if sliced < 20 else "miss")
         store = big.get("store", {})
         if "worst_ms" in store:
@@ -451,7 +455,8 @@ def _stall_section(results: dict[str, Any]) -> list[str]:
         "",
         "- *scheduled*: `SessionCache(flush_interval=0.3)`'s own loop, which flushes one second of "
         "expiry per reactor turn (OpenSSL 3 keeps the cache sorted by expiry, so each step only "
-        f"touches that second); sessions created at {CREATION_RATE:,}/s.",
+        f"touches that second); sessions created at {CREATION_RATE:,}/s, the loop catching up from "
+        "before the first of them expired, as one running all along would have.",
         "- *sliced*: the same slicing driven by hand, step by step, as a cross-check.",
         "- *auto*: OpenSSL's automatic flush, which runs inside every 255th handshake (mode `server` "
         "without `no-auto-clear`).",
@@ -619,8 +624,8 @@ def _ours_section(results: dict[str, Any]) -> list[str]:
         "it for everything at once would be. OpenSSL 3 keeps the cache in expiry order, so "
         "`SessionCache`'s flush loop advances one second of expiry per reactor turn and touches only "
         "the sessions made in that second. OpenSSL's automatic flush runs inside every 255th handshake "
-        "and cannot be sliced: with `flush_interval=0` (the default) it stays on, so a nonzero default "
-        "interval (which sets `no-auto-clear`) would remove it.",
+        "and cannot be sliced (the *auto* rows above); a nonzero `flush_interval`, the default under the "
+        "shared runtime, sets `no-auto-clear` and so removes it.",
         f"- **Memory store expiry.** `MemoryStore.expire()` keeps expiries in a heap and the flush "
         f"loop drops at most {STORE_EXPIRY_BUDGET:,} per reactor turn: the longest turn took "
         f"{ms(store.get('flush_ms'), '.1f')} ms with {big['sessions'] if big else 0:,} expired entries.",

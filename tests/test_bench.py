@@ -132,20 +132,24 @@ def test_targets_are_judged_from_ratios() -> None:
                 "connections": 100, "resumption_ratio": 1.0 if mode == "resumed" else 0.0, "errors": 0,
                 "first_error": "", "server_cpu_ms": 1.0, "client_cpu_ms": 1.0}  # fmt: skip
 
-    results = {
+    results: dict[str, Any] = {
         "throughput": [
             row("twisted-sessions", "full", 300), row("twisted-sessions", "resumed", 1000),
             row("sesscache-memory", "full", 300), row("sesscache-memory", "resumed", 960),
         ],
         "unavailable": {"twistd-sesscache-redis": "no store"},
         "stall": [{"sessions": 100_000, "rss_per_session": 900, "der_bytes": 158,
-                   "scheduled": {"worst_ms": 40.0}, "sliced": {"worst_ms": 1.0}}],
+                   "scheduled": {"worst_ms": 40.0, "removed": 100_000}, "sliced": {"worst_ms": 1.0}}],
     }  # fmt: skip
     verdicts = {t["target"]: t["verdict"] for t in report.targets(results)}
     assert verdicts["resumed rate, memory ≥ 0.95× bare Twisted enableSessions=True (`sesscache-memory`)"] == "pass"
     assert verdicts["resumed/full ≥ 4× for TLS 1.2 RSA-2048 (`sesscache-memory`)"] == "miss"
     assert verdicts["worst reactor stall from a scheduled flush of 100,000 sessions < 20 ms"] == "miss"
     assert verdicts["≤ 1 KiB per cached session, OpenSSL's cache (`sesscache-memory`)"] == "pass"
+    # A short stall while the loop flushed nothing measures nothing.
+    results["stall"][0]["scheduled"] = {"worst_ms": 1.0, "removed": 0}
+    stalled = {t["target"]: t for t in report.targets(results)}["worst reactor stall from a scheduled flush of 100,000 sessions < 20 ms"]
+    assert stalled["verdict"] == "miss" and "removed only 0" in stalled["measured"]
     redis = [t for t in report.targets(results) if "Redis across processes" in t["target"]]
     assert redis[0]["verdict"] == "not measured" and "no store" in redis[0]["measured"]
 
