@@ -33,11 +33,14 @@ KEY = bytes(range(32))
 
 
 @contextmanager
-def fleet(rt: ReactorThread, files: TLSFiles, store: ISessionStore, count: int = 3, **kwargs: Any) -> Iterator[tuple[list[int], list[SessionCache]]]:
+def fleet(
+    rt: ReactorThread, files: TLSFiles, store: ISessionStore, count: int = 3, *, started: bool = False, **kwargs: Any
+) -> Iterator[tuple[list[int], list[SessionCache]]]:
     """``count`` listeners sharing one store, as ``count`` processes would.
 
     The store timeout is generous unless a test sets it, so that a loaded
-    machine measures sharing rather than Redis latency.
+    machine measures sharing rather than Redis latency. ``started``: each
+    cache started (shared ticket keys fetched) and stopped at the end.
     """
     kwargs.setdefault("store_timeout", 2.0)
     caches = [SessionCache(store=store, store_keys=[KEY], **kwargs) for _ in range(count)]
@@ -48,6 +51,10 @@ def fleet(rt: ReactorThread, files: TLSFiles, store: ISessionStore, count: int =
             )
             for cache in caches
         ]
+        if started:
+            for cache in caches:
+                rt.call(cache.start)
+                stack.callback(rt.call, cache.stop)
         yield ports, caches
 
 
@@ -134,9 +141,7 @@ def test_with_tickets_the_store_is_neither_asked_nor_written(
     """Sessions travel in their tickets: no hello is read, nothing fetched, nothing but ticket keys written."""
     store = CountingStore()
     session = tmp_path / "s.pem"
-    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared") as (ports, caches):
-        for cache in caches:
-            reactor_thread.call(cache.start)
+    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared", started=True) as (ports, caches):
         assert s_client(ports[0], tls=tls, sess_out=session) == "New"
         gets = store.gets
         assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"  # the other listener opens the ticket
@@ -146,8 +151,6 @@ def test_with_tickets_the_store_is_neither_asked_nor_written(
         assert store._entries and all(key.startswith(b"ticket-key:") for key in store._entries)
         watched = reactor_thread.call(lambda: caches[1].watch(SSL.Connection(caches[1].contexts[0], None)))
         assert watched._held is None  # the bytes go straight to OpenSSL
-        for cache in caches:
-            reactor_thread.call(cache.stop)
 
 
 def test_with_tickets_a_tls12_client_that_takes_none_resumes_where_it_began(
@@ -157,16 +160,12 @@ def test_with_tickets_a_tls12_client_that_takes_none_resumes_where_it_began(
     store = CountingStore()
     session = tmp_path / "s.pem"
     no_ticket = ("-no_ticket",)
-    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared") as (ports, caches):
-        for cache in caches:
-            reactor_thread.call(cache.start)
+    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared", started=True) as (ports, _):
         gets = store.gets  # the ticket keys'
         assert s_client(ports[0], sess_out=session, extra=no_ticket) == "New"
         assert s_client(ports[0], sess_in=session, extra=no_ticket) == "Reused"  # OpenSSL's own cache
         assert s_client(ports[1], sess_in=session, extra=no_ticket) == "New"
         assert store.gets == gets
-        for cache in caches:
-            reactor_thread.call(cache.stop)
 
 
 def test_a_session_evicted_from_a_full_cache_is_fetched_again(
@@ -332,20 +331,17 @@ def test_shared_ticket_keys_resume_stateless_tickets_anywhere(
 ) -> None:
     store = redis_store(reactor_thread, redis)
     session = tmp_path / "s.pem"
-    with fleet(reactor_thread, tls_files, store, tickets="shared", ticket_key_rotation=3600) as (ports, caches):
-        for cache in caches:
-            reactor_thread.call(cache.start)
-        try:
-            assert s_client(ports[0], tls=tls, sess_out=session) == "New"
-            assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"
-            assert s_client(ports[2], tls=tls, sess_in=session) == "Reused"
-            stats = [reactor_thread.call(cache.stats) for cache in caches]
-            # Stateless: the store holds ticket keys, not sessions, and nobody looked one up.
-            assert sum(s["store_hits"] for s in stats) == 0
-            assert sum(ticket_keys(c).created for c in caches) == 2  # this epoch's key and the next one's
-        finally:
-            for cache in caches:
-                reactor_thread.call(cache.stop)
+    with fleet(reactor_thread, tls_files, store, tickets="shared", ticket_key_rotation=3600, started=True) as (
+        ports,
+        caches,
+    ):
+        assert s_client(ports[0], tls=tls, sess_out=session) == "New"
+        assert s_client(ports[1], tls=tls, sess_in=session) == "Reused"
+        assert s_client(ports[2], tls=tls, sess_in=session) == "Reused"
+        stats = [reactor_thread.call(cache.stats) for cache in caches]
+        # Stateless: the store holds ticket keys, not sessions, and nobody looked one up.
+        assert sum(s["store_hits"] for s in stats) == 0
+        assert sum(ticket_keys(c).created for c in caches) == 2  # this epoch's key and the next one's
     reactor_thread.call(store.close)
 
 
@@ -373,23 +369,16 @@ def test_tickets_from_before_a_rotation_still_resume(
     store = MemoryStore()
     session = tmp_path / "s.pem"
     rotation = 1.0
-    with fleet(reactor_thread, tls_files, store, count=2, tickets="shared", ticket_key_rotation=rotation, timeout=30) as (
-        ports,
-        caches,
-    ):
+    with fleet(
+        reactor_thread, tls_files, store, count=2, tickets="shared", ticket_key_rotation=rotation, timeout=30, started=True
+    ) as (ports, caches):
+        assert s_client(ports[0], sess_out=session) == "New"
+        issued = ticket_keys(caches[0]).current()
+        time.sleep(2.2 * rotation)  # two rotations later
         for cache in caches:
-            reactor_thread.call(cache.start)
-        try:
-            assert s_client(ports[0], sess_out=session) == "New"
-            issued = ticket_keys(caches[0]).current()
-            time.sleep(2.2 * rotation)  # two rotations later
-            for cache in caches:
-                reactor_thread.call(ticket_keys(cache).refresh)
-            assert ticket_keys(caches[1]).current() != issued
-            assert s_client(ports[1], sess_in=session) == "Reused"
-        finally:
-            for cache in caches:
-                reactor_thread.call(cache.stop)
+            reactor_thread.call(ticket_keys(cache).refresh)
+        assert ticket_keys(caches[1]).current() != issued
+        assert s_client(ports[1], sess_in=session) == "Reused"
 
 
 def test_new_tls13_clients_cost_the_store_no_lookup(
