@@ -100,7 +100,8 @@ class OpenSSLAccess:
 
     def session_to_der(self, session: SSL.Session) -> bytes:
         """i2d_SSL_SESSION: the session as OpenSSL serialises it."""
-        lib, pointer = self._lib or pylib, _session_of(session)
+        lib = self._lib if self.shared else pylib
+        pointer = _session_of(session)
         length = lib.i2d_SSL_SESSION(pointer, pyffi.NULL)
         if length <= 0:
             raise ValueError("OpenSSL could not encode the session")
@@ -115,7 +116,7 @@ class OpenSSLAccess:
 
     def _decode_session(self, der: bytes) -> Any:
         """A new SSL_SESSION reference (the caller owns it) from DER bytes."""
-        lib = self._lib or pylib
+        lib = self._lib if self.shared else pylib
         source = pyffi.new("unsigned char[]", der)
         pointer = lib.d2i_SSL_SESSION(pyffi.NULL, pyffi.new("unsigned char **", source), len(der))
         if pointer == pyffi.NULL:
